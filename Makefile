@@ -1,0 +1,30 @@
+# kodkod: `make serve` to run the server, `make test` to run the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# CPU build of torch: installed first so that the project's `torch>=2.4`
+# never pulls a multi-GB CUDA build onto a machine that has no torch yet.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: all install test serve clean
+
+all: install
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+serve: install
+	$(VENV)/bin/kodkod serve --port 8080
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""kodkod's HTTP server, completion pipeline and command line."""
