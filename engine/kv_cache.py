@@ -1,0 +1,38 @@
+"""A preallocated key/value cache for batch-1 generation."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, max_len), allocated once.
+
+    `ids` records which tokens the cached positions hold, so a new prompt that
+    shares a prefix with the last one (the common case while a user types)
+    only prefills what changed.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_len: int, device, dtype):
+        shape = (layers, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.ids: list[int] = []
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [T, kv_heads, head_dim] at positions start.., return all up to the last one."""
+        end = start + k.shape[0]
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
+        self.k[layer, start:end] = k
+        self.v[layer, start:end] = v
+        return self.k[layer, :end], self.v[layer, :end]
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the cache already holds (always leaving one to run)."""
+        n = 0
+        for a, b in zip(self.ids, ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        return n
