@@ -1,0 +1,1 @@
+"""One module per `kodkod` subcommand (see server/cli.py)."""

@@ -1,0 +1,92 @@
+"""`kodkod serve`: load a model and run the completion server."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory or known model name (default: the default model, "
+                                   "downloaded and converted on first use)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (default auto)")
+    p.add_argument("--token", dest="tokens", action="append", metavar="TOKEN",
+                   help="accepted bearer token (repeatable); none: the server is open")
+    p.add_argument("--config", help="TOML config file (flags > KODKOD_* environment > file)")
+    p.add_argument("--log-prompts", action="store_true", default=None,
+                   help="write prompt and completion text into the JSONL log")
+    p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds one request may take (default 30)")
+    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 16)")
+
+
+def resolve_model(name: str | None, home: Path) -> Path:
+    """A directory as given, else a known model name (or the default) via engine.convert.models."""
+    if name and Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    try:
+        from engine.convert.models import ensure_model
+    except ImportError as exc:
+        what = f"model {name!r}" if name else "the default model"
+        raise SystemExit(f"kodkod serve: {what} is not a directory and the model downloader is not "
+                         f"available ({exc}); pass --model DIR") from None
+    return Path(ensure_model(name, home=home))
+
+
+def run(args) -> int:
+    import logging
+
+    from server.config import ConfigError, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "tokens", "log_prompts",
+                                                 "timeout_s", "queue_size")}
+    try:
+        config = load_config(cli, config_file=args.config)
+    except ConfigError as exc:
+        print(f"kodkod serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from engine import ModelError, load_model
+    from server.app import create_app
+
+    try:
+        path = resolve_model(config.model, config.home)
+    except Exception as exc:
+        print(f"kodkod serve: cannot get the model: {exc}", file=sys.stderr)
+        return 1
+    print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
+    try:
+        engine = load_model(path, device=config.device)
+    except ModelError as exc:
+        print(f"kodkod serve: {exc}", file=sys.stderr)
+        return 1
+    app = create_app(config, engine)
+    srv = app.state.server
+    if srv.service.template is None:
+        print(f"kodkod serve: warning: {srv.service.template_error}; only raw prompts will work", file=sys.stderr)
+    _warm_up(engine)
+    print(f"kodkod: serving {engine.info().get('name')} on http://{config.host}:{config.port} "
+          f"(log: {config.events_path})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=3)
+    return 0
+
+
+def _warm_up(engine) -> None:
+    """One short generation, so that the first request does not pay for lazy initialisation."""
+    import time
+
+    from engine import GenerationParams
+
+    t = time.monotonic()
+    try:
+        ids = engine.tokenizer.encode("def main():\n") or [0]
+        for _ in engine.generate(ids, GenerationParams(max_new_tokens=2)):
+            pass
+    except Exception as exc:  # a warm-up failure shows up again on the first request
+        print(f"kodkod serve: warm-up failed: {exc}", file=sys.stderr)
+        return
+    print(f"kodkod: warm-up {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)

@@ -1,0 +1,207 @@
+"""The completion pipeline: request → prompt (languages/) → engine job → post-processed text.
+
+`CompletionService.make_job()` validates the request against the server's
+limits and returns a `worker.Job` whose `prepare()` (run on the worker thread)
+builds the prompt. The HTTP side then pulls token events from the job and,
+when a choice ends, calls `finish_text()` to post-process it.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ServerConfig
+from .errors import ApiError
+from .schemas import CompletionRequest
+from .worker import Job
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 64
+DEFAULT_TEMPERATURE = 0.1
+
+try:  # the languages package (prompt building, post-processing)
+    import languages as _languages  # noqa: F401
+    from languages import (Segments as LSegments, Snippet as LSnippet, build_prompt, fim_template_for,
+                           postprocess, resolve_language)
+    HAVE_LANGUAGES = True
+except ImportError:  # pragma: no cover - only while languages/ is missing
+    HAVE_LANGUAGES = False
+
+
+@dataclass
+class _PlainPrompt:
+    """What a prompt is when it does not come from languages/ (raw prompts, fallback)."""
+    ids: list[int]
+    text: str
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    multiline: bool = True
+    decisions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """What prepare() hands to the HTTP side."""
+    prompt: Any
+    segments: Any
+    lang: Any
+    raw: bool
+    crlf: bool
+    language: str | None
+
+
+_FALLBACK_FIM = [
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+]
+
+
+class CompletionService:
+    def __init__(self, engine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer if engine is not None else None
+        self.template = None
+        self.template_error: str | None = None
+        if engine is not None:
+            self._init_template()
+        specials = self.tokenizer.special_tokens if self.tokenizer is not None else {}
+        names = sorted(specials, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def _init_template(self) -> None:
+        if HAVE_LANGUAGES:
+            try:
+                self.template = fim_template_for(self.tokenizer, self.config.fim_template)
+            except ValueError as exc:
+                self.template_error = str(exc)
+            return
+        for names in _FALLBACK_FIM:
+            ids = [self.tokenizer.token_id(n) for n in names]
+            if all(i is not None for i in ids):
+                self.template = ids
+                return
+        self.template_error = "the model has no fill-in-the-middle tokens"
+
+    # ---- request → job ----
+    def validate(self, req: CompletionRequest) -> None:
+        c = self.config
+        raw = req.debug_options.raw_prompt if req.debug_options else None
+        if req.segments is None and raw is None:
+            raise ApiError(400, "invalid_request", "the request needs `segments` (with `prefix`) or `debug_options.raw_prompt`")
+        if self.engine is None:
+            raise ApiError(501, "no_model", "no completion model is loaded")
+        for name, text in (("segments.prefix", req.segments.prefix if req.segments else None),
+                           ("segments.suffix", req.segments.suffix if req.segments else None),
+                           ("debug_options.raw_prompt", raw)):
+            if text is not None and len(text) > c.max_prefix_chars:
+                raise ApiError(413, "too_large", f"{name} has {len(text)} characters; the limit is {c.max_prefix_chars}")
+        if req.n > c.max_n:
+            raise ApiError(422, "invalid_request", f"n = {req.n} is over this server's limit of {c.max_n}")
+        if req.max_tokens is not None and req.max_tokens > c.max_tokens:
+            raise ApiError(422, "invalid_request", f"max_tokens = {req.max_tokens} is over this server's limit of {c.max_tokens}")
+        stops = self._stops(req)
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LEN or not s for s in stops):
+            raise ApiError(422, "invalid_request",
+                           f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LEN} characters")
+        if req.mode not in (None, "standard"):
+            raise ApiError(422, "invalid_request", f"mode {req.mode!r} is not supported (only 'standard')")
+        if raw is None and self.template is None:
+            raise ApiError(501, "unsupported_model", f"cannot build a fill-in-the-middle prompt: {self.template_error}")
+
+    @staticmethod
+    def _stops(req: CompletionRequest) -> list[str]:
+        if req.stop is None:
+            return []
+        return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+    def make_job(self, req: CompletionRequest, key: str | None) -> Job:
+        self.validate(req)
+        return Job(prepare=lambda: self._prepare(req), key=key, timeout_s=self.config.timeout_s)
+
+    # ---- worker thread ----
+    def _prepare(self, req: CompletionRequest):
+        from engine import GenerationParams
+
+        raw = req.debug_options.raw_prompt if req.debug_options else None
+        if raw is not None:
+            crlf = "\r\n" in raw
+            prompt = _PlainPrompt(ids=self._encode_raw(raw), text=raw)
+            info = Prepared(prompt=prompt, segments=None, lang=None, raw=True, crlf=False, language=req.language)
+        else:
+            s = req.segments
+            crlf = "\r\n" in s.prefix or "\r\n" in (s.suffix or "")
+            if HAVE_LANGUAGES:
+                segs = self._segments(req)
+                lang = resolve_language(req.language, s.filepath)
+                prompt = build_prompt(segs, lang, self.tokenizer, self.template,
+                                      budget_tokens=self.config.prompt_budget_tokens)
+            else:
+                segs, lang = None, None
+                prompt = self._fallback_prompt(s.prefix, s.suffix or "")
+            info = Prepared(prompt=prompt, segments=segs, lang=lang, raw=False, crlf=crlf, language=req.language)
+        max_new = req.max_tokens or self.config.default_max_tokens
+        # leave room in the model's context
+        ctx = getattr(getattr(self.engine, "config", None), "max_position_embeddings", None)
+        if ctx:
+            max_new = max(0, min(max_new, ctx - len(prompt.ids)))
+        temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
+        seed = req.seed if req.seed is not None else random.getrandbits(32)
+        stop_strings = tuple(dict.fromkeys(tuple(getattr(prompt, "stop_strings", ()) or ()) + tuple(self._stops(req))))
+        stop_ids = tuple(getattr(prompt, "stop_token_ids", ()) or ())
+        plan = []
+        for i in range(req.n):
+            params = GenerationParams(max_new_tokens=max_new, temperature=temperature, seed=seed + i,
+                                      stop_token_ids=stop_ids, stop_strings=stop_strings)
+            plan.append((list(prompt.ids), params))
+        return info, plan
+
+    def _segments(self, req: CompletionRequest):
+        s = req.segments
+        snippets = [LSnippet(x.filepath or "", x.body, x.score)
+                    for x in (s.relevant_snippets_from_changed_files or []) + (s.relevant_snippets_from_recently_opened_files or [])]
+        decls = [LSnippet(x.filepath or "", x.body) for x in (s.declarations or [])]
+        if req.debug_options and req.debug_options.disable_retrieval_augmented_code_completion:
+            snippets, decls = [], []
+        return LSegments(prefix=s.prefix, suffix=s.suffix or "", filepath=s.filepath, declarations=decls,
+                         snippets=snippets, clipboard=s.clipboard)
+
+    def _encode_raw(self, text: str) -> list[int]:
+        """A raw prompt may name special tokens (`<fim_prefix>`): they become the tokens."""
+        if self._special_re is None:
+            return self.tokenizer.encode(text)
+        ids: list[int] = []
+        for part in self._special_re.split(text):
+            if not part:
+                continue
+            tid = self.tokenizer.special_tokens.get(part)
+            ids.extend([tid] if tid is not None else self.tokenizer.encode(part))
+        return ids
+
+    def _fallback_prompt(self, prefix: str, suffix: str) -> _PlainPrompt:
+        pre, suf, mid = self.template
+        p, s = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
+        ids = [pre] + self.tokenizer.encode(p) + [suf] + self.tokenizer.encode(s) + [mid]
+        return _PlainPrompt(ids=ids, text=self.tokenizer.decode(ids, skip_special=False),
+                            stop_token_ids=(pre, suf, mid), stop_strings=("\n\n",))
+
+    # ---- finishing ----
+    def finish_text(self, raw_text: str, info: Prepared) -> tuple[str, list[str]]:
+        if info.raw:
+            return raw_text, []
+        if HAVE_LANGUAGES:
+            done = postprocess(raw_text, info.segments, info.lang, info.prompt)
+            return done.text, list(getattr(done, "decisions", []) or [])
+        text = raw_text.rstrip()
+        if info.crlf:
+            text = text.replace("\r\n", "\n").replace("\n", "\r\n")
+        return text, []
+
+    @staticmethod
+    def stream_delta(delta: str, info: Prepared) -> str:
+        """A streamed delta in the client's line endings."""
+        if info.crlf:
+            return delta.replace("\r\n", "\n").replace("\n", "\r\n")
+        return delta

@@ -1,0 +1,118 @@
+"""Server configuration: one pydantic model, three sources.
+
+Precedence: command-line flags > environment (`KODKOD_*`) > TOML file (`--config`)
+> defaults. Every field can come from any source; the environment variable of a
+field is `KODKOD_` + its name in upper case (`KODKOD_PORT`, `KODKOD_TOKENS` as a
+comma-separated list, `KODKOD_LOG_PROMPTS=1`).
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "KODKOD_"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message that says why and where."""
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("KODKOD_HOME") or Path.home() / ".cache" / "kodkod")
+
+
+class ServerConfig(BaseModel):
+    """Everything `kodkod serve` can be told. Field docs double as `docs/server.md`."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str | None = Field(None, description="model directory or known model name; none: the default model")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where the model runs")
+    tokens: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty: open server")
+    home: Path = Field(default_factory=default_home, description="KODKOD_HOME: models, logs")
+    log_file: Path | None = Field(None, description="JSONL event/completion log; default <home>/logs/events.jsonl")
+    log_prompts: bool = Field(False, description="also write prompt and completion text to the log")
+    queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting for the worker before 503")
+    timeout_s: float = Field(30.0, gt=0, le=3600, description="limit for one request, queue wait included")
+    max_body_bytes: int = Field(2_000_000, ge=1024, description="larger request bodies get 413")
+    max_prefix_chars: int = Field(100_000, ge=1, description="longer prefix (or suffix) gets 413")
+    max_tokens: int = Field(256, ge=1, le=100_000, description="largest max_tokens a request may ask")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
+    max_n: int = Field(4, ge=1, le=64, description="largest n (choices) a request may ask")
+    prompt_budget_tokens: int = Field(2048, ge=64, description="token budget of a built prompt")
+    fim_template: str | None = Field(None, description="override the model's FIM template")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [t for t in (s.strip() for s in v.split(",")) if t]
+        if isinstance(v, list) and any(not isinstance(t, str) or not t.strip() for t in v):
+            raise ValueError("tokens must be non-empty strings")
+        return v
+
+    @property
+    def events_path(self) -> Path:
+        return self.log_file or self.home / "logs" / "events.jsonl"
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ServerConfig.model_fields:
+        key = ENV_PREFIX + name.upper()
+        if key in env and env[key] != "":
+            out[name] = env[key]
+    return out
+
+
+def _toml_values(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
+    # Accept both a flat file and one with a [server] table.
+    if isinstance(data.get("server"), dict):
+        data = {**{k: v for k, v in data.items() if k != "server"}, **data["server"]}
+    return data
+
+
+def load_config(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> ServerConfig:
+    """Merge defaults < TOML file < environment < CLI flags (None values in `cli` mean unset)."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    config_file = config_file or env.get(ENV_PREFIX + "CONFIG") or None
+    if config_file:
+        for k, v in _toml_values(Path(config_file)).items():
+            merged[k], source[k] = v, f"config file {config_file}"
+    for k, v in _env_values(env).items():
+        merged[k], source[k] = v, f"environment {ENV_PREFIX}{k.upper()}"
+    for k, v in (cli or {}).items():
+        if v is None or (k == "tokens" and not v):
+            continue
+        merged[k], source[k] = v, f"--{k.replace('_', '-')}"
+    try:
+        return ServerConfig(**merged)
+    except ValidationError as exc:
+        msgs = []
+        for e in exc.errors():
+            field = str(e["loc"][0]) if e["loc"] else "?"
+            where = source.get(field, "")
+            msgs.append(f"{field}: {e['msg']}" + (f" (from {where})" if where else ""))
+        raise ConfigError("invalid configuration: " + "; ".join(msgs)) from None
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None

@@ -1,0 +1,73 @@
+"""The OpenAPI document, generated from the pydantic models in schemas.py."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic.json_schema import models_json_schema
+
+from . import schemas as S
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(model) -> dict:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(model) -> dict:
+    return {"application/json": {"schema": _ref(model)}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "malformed JSON, invalid UTF-8, or neither segments nor raw_prompt",
+            401: "missing or wrong bearer token", 409: "superseded by a newer request of the same user",
+            413: "body or prefix over the size limit", 422: "a field of the wrong type or over a limit",
+            501: "no completion model, or the model cannot fill in the middle",
+            503: "the queue is full (see Retry-After)", 504: "the request timed out"}
+    return {str(c): {"description": text.get(c, "error"), "content": _json(S.ErrorResponse)} for c in codes}
+
+
+@lru_cache(maxsize=4)
+def document(version: str) -> dict:
+    models = [S.CompletionRequest, S.CompletionResponse, S.StreamEvent, S.EventRequest, S.ErrorResponse,
+              S.HealthResponse, S.ServerSetting, S.Healthz]
+    _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+    components = top.get("$defs", {})
+    secured = [{"bearer": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "kodkod", "version": version,
+                 "description": "Tabby-compatible code completion API with streaming extensions"},
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "paths": {
+            "/v1/completions": {"post": {
+                "operationId": "completion", "security": secured,
+                "requestBody": {"required": True, "content": _json(S.CompletionRequest)},
+                "responses": {"200": {"description": "the completion; with `stream: true`, Server-Sent Events "
+                                                     "each carrying a StreamEvent, then `data: [DONE]`",
+                                      "content": {**_json(S.CompletionResponse),
+                                                  "text/event-stream": {"schema": {"type": "string"}}}},
+                              **_errors(400, 401, 409, 413, 422, 501, 503, 504)}}},
+            "/v1/events": {"post": {
+                "operationId": "event", "security": secured,
+                "requestBody": {"required": True, "content": _json(S.EventRequest)},
+                "parameters": [{"name": "select_kind", "in": "query", "required": False,
+                                "schema": {"type": "string", "enum": ["line"]}}],
+                "responses": {"200": {"description": "recorded", "content": {"application/json": {"schema": {"type": "object"}}}},
+                              **_errors(400, 401, 413, 422)}}},
+            "/v1/health": {m: {"operationId": f"health_{m}", "security": secured,
+                               "responses": {"200": {"description": "server and model facts", "content": _json(S.HealthResponse)},
+                                             **_errors(401)}} for m in ("get", "post")},
+            "/v1beta/server_setting": {"get": {"operationId": "server_setting", "security": secured,
+                                               "responses": {"200": {"description": "settings", "content": _json(S.ServerSetting)},
+                                                             **_errors(401)}}},
+            "/healthz": {"get": {"operationId": "healthz",
+                                 "responses": {"200": {"description": "alive", "content": _json(S.Healthz)}}}},
+            "/metrics": {"get": {"operationId": "metrics",
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        },
+    }
