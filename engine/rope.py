@@ -26,7 +26,10 @@ def inv_freq(rope: dict, head_dim: int, max_position_embeddings: int, seq_len: i
     dim = rotary_dim(rope, head_dim)
     if kind == "default":
         return _base_inv_freq(base, dim), 1.0
-    factor = float(rope["factor"])
+    factor = rope.get("factor")
+    if factor is None and kind == "yarn":
+        factor = max_position_embeddings / rope["original_max_position_embeddings"]
+    factor = float(factor)
     if kind == "linear":
         return _base_inv_freq(base, dim) / factor, 1.0
     if kind == "dynamic":
@@ -56,11 +59,7 @@ def _llama3(rope: dict, base: float, dim: int, factor: float) -> torch.Tensor:
 
 
 def _yarn(rope: dict, base: float, dim: int, factor: float, max_pos: int) -> tuple[torch.Tensor, float]:
-    orig = rope.get("original_max_position_embeddings")
-    if orig:
-        factor = max_pos / orig
-    else:
-        orig = max_pos
+    orig = rope.get("original_max_position_embeddings") or max_pos
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

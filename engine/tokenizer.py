@@ -12,6 +12,8 @@ from .config import ModelError
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None):
         self._tok = tok
+        # Special-token text in user input is encoded as plain text, never as the token itself.
+        tok.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         # Special tokens (control tokens like <|fim_prefix|>): text -> id.
         self.special_tokens: dict[str, int] = {
@@ -45,7 +47,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Plain text to ids. Special-token text in `text` stays text: a prompt cannot forge them."""
-        return self._tok.encode(text, add_special_tokens=False, split_special_tokens=True).ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
