@@ -1,0 +1,72 @@
+"""Context for the prompt: the request's declarations and snippets, and signatures
+of definitions elsewhere in the file that the code near the cursor uses."""
+from __future__ import annotations
+
+from .data import Language
+from .segments import Segments, Snippet
+from .syntax import captures
+from .text import indent_of, to_lf, words
+
+
+def render_block(language: Language, path: str, body: str) -> str:
+    """A snippet as line comments headed by its path, the way Tabby does it."""
+    lines = [language.comment(f"Path: {path}")]
+    lines += [language.comment(line) for line in to_lf(body).rstrip("\n").split("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def request_blocks(segments: Segments, language: Language) -> list[tuple[str, str]]:
+    """(kind, rendered block) in priority order: declarations, snippets by score, clipboard."""
+    out = [("declaration", render_block(language, d.filepath, d.body)) for d in segments.declarations if d.body.strip()]
+    ranked = sorted(segments.snippets, key=lambda s: -(s.score if s.score is not None else 0.0))
+    out += [("snippet", render_block(language, s.filepath, s.body)) for s in ranked if s.body.strip()]
+    if segments.clipboard and segments.clipboard.strip():
+        out.append(("clipboard", render_block(language, "clipboard", segments.clipboard)))
+    return out
+
+
+def _signature(lines: list[str], i: int) -> str:
+    """The header starting at line i: up to the line that opens the body (at most 4 lines)."""
+    sig = []
+    for line in lines[i:i + 4]:
+        sig.append(line.rstrip())
+        s = line.rstrip()
+        if s.endswith(("{", ":", "=>", "->", "do", "then", ")")) or s.endswith(";"):
+            break
+    text = "\n".join(sig).rstrip()
+    return text[:-1].rstrip() if text.endswith("{") else text
+
+
+def _is_definition(language: Language, sig: str, name: str) -> bool:
+    if language.grammar:
+        caps = captures(language, "definitions", sig + language.signature_stub)
+        return any(c == "name" and t == name and line == 0 for c, t, line in caps)
+    return sig.lstrip().startswith(language.definition_keywords) if language.definition_keywords else False
+
+
+def file_signatures(language: Language, elided: list[str], near: str, limit: int = 8) -> list[str]:
+    """Signatures of definitions in `elided` lines whose names occur in `near`.
+
+    Only candidate lines (a used name as a whole word, shallow indentation, not a
+    comment) get parsed, each on its own, so a 2,000-line file costs microseconds.
+    """
+    names = {w for w in words(near) if len(w) > 2}
+    if not names:
+        return []
+    out: list[str] = []
+    seen: set[str] = set()
+    comment = language.line_comment or "\x00"
+    for i, line in enumerate(elided):
+        s = line.strip()
+        if not s or s.startswith(comment) or indent_of(line) > 8 or "(" not in s and "class" not in s and "struct" not in s:
+            continue
+        hit = names & words(s.split("(", 1)[0] if "(" in s else s)
+        for name in hit - seen:
+            sig = _signature(elided, i)
+            if _is_definition(language, sig, name):
+                seen.add(name)
+                out.append(sig.strip("\n"))
+                break
+        if len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,246 @@
+"""Prompt assembly under a token budget.
+
+Every piece (a line, a marker, a context block) is encoded on its own and the
+prompt's ids are the concatenation of those pieces, so the count we budget is
+exactly the count we send, and the FIM tokens are added as ids around them: the
+budget can never cut one. Pieces split at line starts, where byte-level BPE
+pre-tokenizers split anyway.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .context import file_signatures, render_block, request_blocks
+from .data import Language
+from .fim import FimTemplate, TokenizerLike
+from .segments import Segments
+from .text import imbalance, indent_of, is_closers_only, leading_ws, to_lf
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str
+    stop_token_ids: list[int]
+    stop_strings: list[str]
+    multiline: bool
+    decisions: list[str] = field(default_factory=list)
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines keeping their "\n"; the last one (maybe empty) has none."""
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + [parts[-1]]
+
+
+class _Encoder:
+    """Memoised encode for one build (lines repeat: blank lines, braces)."""
+
+    def __init__(self, tok: TokenizerLike):
+        self.tok = tok
+        self.memo: dict[str, list[int]] = {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self.memo.get(text)
+        if ids is None:
+            ids = self.memo[text] = list(self.tok.encode(text)) if text else []
+        return ids
+
+    def n(self, text: str) -> int:
+        return len(self(text))
+
+
+def _walk(lines: list[str], idx, cap: int, enc: _Encoder) -> tuple[int, int]:
+    """How many lines (in the order of `idx`) fit in `cap` tokens, and their cost."""
+    used = taken = 0
+    for i in idx:
+        c = enc.n(lines[i])
+        if used + c > cap:
+            break
+        used += c
+        taken += 1
+    return taken, used
+
+
+def _marker(language: Language, indent: str) -> str:
+    return indent + language.comment("...") + "\n"
+
+
+def _scope_headers(lines: list[str], start: int, language: Language) -> list[int]:
+    """Indices before `start` of the lines that open the scopes enclosing it, innermost first.
+
+    Indentation finds them in every language, grammar or not: a header is the
+    nearest earlier line indented less than everything after it.
+    """
+    near = [indent_of(l) for l in lines[start:] if l.strip()]
+    level = min(near) if near else 0
+    out = []
+    comment = language.line_comment or "\x00"
+    for i in range(start - 1, -1, -1):
+        if level == 0:
+            break
+        s = lines[i].strip()
+        if not s or s.startswith(comment) or s[0] in ")]}" or s.startswith(tuple(language.block_end or ("\x00",))):
+            continue
+        ind = indent_of(lines[i])
+        if ind < level:
+            out.append(i)
+            level = ind
+    return out
+
+
+def _import_groups(lines: list[str], stop: int, language: Language) -> list[list[int]]:
+    """Groups of line indices (an import and its continuation lines) before `stop`."""
+    rx = language.import_re
+    if rx is None:
+        return []
+    groups = []
+    i = 0
+    while i < stop:
+        if rx.match(lines[i]):
+            j = i + 1
+            while j < stop and j - i < 30 and imbalance("".join(lines[i:j])) and "(" in lines[i]:
+                j += 1
+            groups.append(list(range(i, j)))
+            i = j
+        else:
+            i += 1
+    return groups
+
+
+def _assemble(lines, keep: set[int], language, enc) -> tuple[list[str], int]:
+    """Kept lines in order, with a marker comment where lines were left out."""
+    pieces, cost, prev = [], 0, -1
+    for i in sorted(keep):
+        if i != prev + 1:
+            pieces.append(_marker(language, leading_ws(lines[i])))
+        pieces.append(lines[i])
+        prev = i
+    for p in pieces:
+        cost += enc.n(p)
+    return pieces, cost
+
+
+def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder, decisions: list[str]):
+    """Fit the prefix lines into `cap` tokens; returns the pieces and the kept indices."""
+    n = len(lines)
+    total_taken, _ = _walk(lines, range(n - 1, -1, -1), cap, enc)
+    if total_taken == n:
+        return lines, set(range(n))
+    if total_taken == 0:  # the cursor line alone is too long: keep its end, by tokens
+        ids = enc(lines[-1])[-cap:] if cap > 0 else []
+        decisions.append(f"prefix: cursor line cut to its last {len(ids)} tokens")
+        return [enc.tok.decode(ids)] if ids else [], set()
+    # 1. the lines nearest the cursor get half the room first
+    near, _ = _walk(lines, range(n - 1, -1, -1), max(cap // 2, 1), enc)
+    near = max(near, 1)
+    start = n - near
+    keep = set(range(start, n))
+    _, used = _assemble(lines, keep, language, enc)
+    extra: list[list[int]] = []
+
+    def try_add(group: list[int]) -> bool:
+        nonlocal used
+        trial = keep | set(group)
+        _, c = _assemble(lines, trial, language, enc)
+        if c <= cap:
+            keep.update(group)
+            used = c
+            extra.append(group)
+            return True
+        return False
+
+    # 2. headers of the enclosing scopes, 3. imports
+    headers = [h for h in _scope_headers(lines, start, language) if try_add([h])]
+    imports = [g for g in _import_groups(lines, start, language) if try_add(g)]
+    # 4. the rest of the room: more lines nearest the cursor
+    i = start - 1
+    while i >= 0:
+        if i not in keep and not try_add([i]):
+            break
+        i -= 1
+    pieces, _ = _assemble(lines, keep, language, enc)
+    elided = n - len(keep)
+    decisions.append(f"prefix: {n} lines over budget; kept {len(keep)} "
+                     f"({len(headers)} scope headers, {len(imports)} imports), elided {elided} behind '{language.comment('...')}' markers")
+    return pieces, keep
+
+
+def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLike,
+                 template: FimTemplate, budget_tokens: int = 2048) -> Prompt:
+    decisions = [f"language: {language.name}", f"template: {template.name}"]
+    enc = _Encoder(tokenizer)
+    prefix, suffix = to_lf(segments.prefix), to_lf(segments.suffix)
+    lead_ids = enc(template.prefix_lead)
+    avail = budget_tokens - template.special_count - len(lead_ids)
+    if avail < 0:
+        raise ValueError(f"token budget {budget_tokens} is smaller than the FIM template's "
+                         f"{template.special_count + len(lead_ids)} tokens")
+    p_lines, s_lines = split_lines(prefix), split_lines(suffix)
+    p_fit, p_need = _walk(p_lines, range(len(p_lines) - 1, -1, -1), avail, enc)
+    s_fit, s_need = _walk(s_lines, range(len(s_lines)), avail, enc)
+    p_need = p_need if p_fit == len(p_lines) else avail + 1
+    s_need = s_need if s_fit == len(s_lines) else avail + 1
+
+    blocks = request_blocks(segments, language)
+    ctx_need = sum(enc.n(b) for _, b in blocks)
+    ctx_cap = min(ctx_need, avail // 4)
+    s_cap = min(s_need, max(avail // 4, avail - ctx_cap - p_need))
+    p_cap = avail - ctx_cap - s_cap
+
+    # Suffix: the lines nearest the cursor.
+    s_take, s_used = _walk(s_lines, range(len(s_lines)), s_cap, enc)
+    if s_take == 0 and s_lines[0]:
+        s_ids = enc(s_lines[0])[:s_cap] if s_cap > 0 else []
+        s_text = tokenizer.decode(s_ids)
+    else:
+        s_ids = [i for line in s_lines[:s_take] for i in enc(line)]
+        s_text = "".join(s_lines[:s_take])
+    if s_take < len(s_lines):
+        decisions.append(f"suffix: kept the first {s_take} of {len(s_lines)} lines")
+
+    p_pieces, p_keep = _elide_prefix(p_lines, p_cap, language, enc, decisions)
+    if p_keep:
+        p_ids = [i for piece in p_pieces for i in enc(piece)]
+    else:  # even the cursor line did not fit: its last tokens
+        p_ids = enc(p_lines[-1])[-p_cap:] if p_cap > 0 else []
+
+    # Context fills what prefix and suffix left, most relevant first.
+    room = avail - len(p_ids) - len(s_ids)
+    if len(p_keep) < len(p_lines) or s_take < len(s_lines):
+        elided = [p_lines[i] for i in range(len(p_lines)) if i not in p_keep] + s_lines[s_take:]
+        near = "".join(p_lines[-20:]) + "".join(s_lines[:10])
+        sigs = file_signatures(language, elided, near)
+        if sigs:
+            path = f"{segments.filepath or 'this file'} (elsewhere in this file)"
+            n_decl = sum(1 for k, _ in blocks if k == "declaration")
+            blocks.insert(n_decl, ("signatures", render_block(language, path, "\n".join(sigs))))
+    ctx_text, ctx_ids, used_kinds = "", [], []
+    for kind, block in blocks:
+        ids = enc(block)
+        if len(ctx_ids) + len(ids) <= room:
+            ctx_text += block
+            ctx_ids += ids
+            used_kinds.append(kind)
+    if blocks:
+        decisions.append(f"context: {len(used_kinds)} of {len(blocks)} blocks ({', '.join(used_kinds) or 'none fit'})")
+
+    ids = template.assemble(lead_ids + ctx_ids + p_ids, s_ids)
+    p_text = "".join(p_pieces) if p_keep else tokenizer.decode(p_ids)
+    text = template.render(template.prefix_lead + ctx_text + p_text, s_text)
+    decisions.append(f"budget: {len(ids)}/{budget_tokens} tokens (context {len(ctx_ids)}, "
+                     f"prefix {len(p_ids)}, suffix {len(s_ids)})")
+
+    line_rest = s_lines[0].rstrip("\n")
+    cursor_line = p_lines[-1]
+    multiline = not (line_rest.strip() and not is_closers_only(line_rest))
+    decisions.append("mode: multi-line" if multiline else "mode: single-line (cursor mid-line)")
+    stops = list(template.stop_texts)
+    if not multiline:
+        stops.append("\n")
+    elif indent_of(cursor_line) > 0:
+        # Inside an indented block, a top-level keyword at column 0 ends it for sure.
+        stops += ["\n" + kw for kw in language.top_level_keywords if kw[:1].isalpha()]
+    stop_ids = list(dict.fromkeys([*template.stop_ids, *getattr(tokenizer, "eos_token_ids", ())]))
+    return Prompt(ids=ids, text=text, stop_token_ids=stop_ids, stop_strings=stops,
+                  multiline=multiline, decisions=decisions)

@@ -1,0 +1,2 @@
+(preproc_include) @import
+(using_declaration) @import

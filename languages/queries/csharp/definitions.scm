@@ -1,0 +1,4 @@
+(method_declaration name: (identifier) @name) @definition
+(local_function_statement name: (identifier) @name) @definition
+(class_declaration name: (identifier) @name) @definition
+(interface_declaration name: (identifier) @name) @definition

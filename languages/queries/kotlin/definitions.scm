@@ -1,0 +1,2 @@
+(function_declaration name: (identifier) @name) @definition
+(class_declaration name: (identifier) @name) @definition

@@ -1,0 +1,2 @@
+(function_definition name: (identifier) @name) @definition
+(class_definition name: (identifier) @name) @definition

@@ -1,0 +1,1 @@
+(call method: (identifier) @_m (#match? @_m "^(require|require_relative|load)$")) @import

@@ -1,0 +1,62 @@
+"""tree-sitter: grammars, parsers and queries, loaded once per language and cached."""
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+import tree_sitter as ts
+
+from .data import QUERY_DIR, Language
+
+
+@cache
+def grammar(spec: str | None) -> ts.Language | None:
+    """The tree-sitter language for "module:function", or None when it is not installed."""
+    if not spec:
+        return None
+    module, _, func = spec.partition(":")
+    try:
+        return ts.Language(getattr(importlib.import_module(module), func or "language")())
+    except (ImportError, AttributeError):  # a data file may name a grammar this install lacks
+        return None
+
+
+@cache
+def _query(spec: str, folder: str, name: str) -> ts.Query | None:
+    lang = grammar(spec)
+    path = QUERY_DIR / folder / f"{name}.scm"
+    if lang is None or not path.is_file():
+        return None
+    return ts.Query(lang, path.read_text(encoding="utf-8"))
+
+
+def query(language: Language, name: str) -> ts.Query | None:
+    if not language.grammar or not language.queries:
+        return None
+    return _query(language.grammar, language.queries, name)
+
+
+def parse(language: Language, text: str) -> tuple[ts.Tree, int] | None:
+    """Parse `text`; returns the tree and the byte offset where `text` starts in it."""
+    lang = grammar(language.grammar)
+    if lang is None:
+        return None
+    # A new Parser per call is cheap (microseconds) and keeps this thread-safe.
+    lead = language.parse_lead.encode()
+    return ts.Parser(lang).parse(lead + text.encode("utf-8")), len(lead)
+
+
+def captures(language: Language, name: str, text: str) -> list[tuple[str, str, int]]:
+    """(capture name, captured text, start line) for query `name` over `text`."""
+    q = query(language, name)
+    parsed = parse(language, text) if q is not None else None
+    if parsed is None:
+        return []
+    tree, lead = parsed
+    src = language.parse_lead.encode() + text.encode("utf-8")
+    lead_lines = language.parse_lead.count("\n")
+    out = []
+    for cap, nodes in ts.QueryCursor(q).captures(tree.root_node).items():
+        for n in nodes:
+            out.append((cap, src[n.start_byte:n.end_byte].decode("utf-8", "replace"), n.start_point[0] - lead_lines))
+    return sorted(out, key=lambda c: c[2])
