@@ -307,7 +307,12 @@ async def _stream(srv: Server, job: Job, req: CompletionRequest):
 async def events(request: Request) -> Response:
     srv = _srv(request)
     srv.authenticate(request)
-    ev: EventRequest = await srv.read_model(request, EventRequest)  # type: ignore[assignment]
+    try:
+        ev: EventRequest = await srv.read_model(request, EventRequest)  # type: ignore[assignment]
+    except ApiError as exc:  # Tabby answers 400 to any event it cannot use
+        if exc.status == 422:
+            exc.status = 400
+        raise
     select_kind = request.query_params.get("select_kind")
     if select_kind is not None and select_kind not in ("line",):
         raise ApiError(400, "invalid_request", f"select_kind must be 'line', not {select_kind[:40]!r}")

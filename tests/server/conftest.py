@@ -1,0 +1,75 @@
+"""Server test fixtures: the real tiny model, in-process apps, a real uvicorn server."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from srvutil import fixture_dir, serve_live
+
+TINY = "llama-tiny-4.0bpw"
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from engine import load_model
+
+    return load_model(fixture_dir(TINY), device="cpu")
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    from server.config import ServerConfig
+
+    def make(**kw):
+        kw.setdefault("home", tmp_path / "home")
+        kw.setdefault("default_max_tokens", 8)
+        return ServerConfig(**kw)
+
+    return make
+
+
+@pytest.fixture
+def make_app(engine, make_config):
+    """create_app(config) with the real engine; workers are stopped afterwards."""
+    from server.app import create_app
+
+    apps = []
+
+    def make(engine_=engine, **kw):
+        app = create_app(make_config(**kw), engine_)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.state.server.worker.stop()
+
+
+@pytest.fixture
+def client(make_app):
+    """A direct-ASGI client on a default app (no tokens)."""
+    from starlette.testclient import TestClient
+
+    with TestClient(make_app(), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def live(make_app):
+    """Factory: live(**config) -> (base_url, app) running under uvicorn until the test ends."""
+    stack = contextlib.ExitStack()
+
+    def start(**kw):
+        app = make_app(**kw)
+        url = stack.enter_context(serve_live(app))
+        return url, app
+
+    with stack:
+        yield start
+
+

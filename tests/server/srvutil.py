@@ -1,0 +1,64 @@
+"""Helpers for the server tests (importable: pytest puts this folder on sys.path)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = (ROOT / ".." / "shared" / "fixtures" / "exl2").resolve()
+
+
+def fixture_dir(name: str) -> Path:
+    p = FIXTURES / name
+    if not p.is_dir():
+        pytest.fail(f"fixture {p} is missing: the tests expect ../shared beside the repository")
+    return p
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_live(app):
+    """Run `app` under a real uvicorn server on 127.0.0.1; yields the base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not t.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def wait_done(job, timeout=10.0):
+    assert job.done_event.wait(timeout), "the job did not finish"
+    return job
+
+
+def sse_events(lines):
+    """Parse `data:` payloads from an iterator of SSE lines."""
+    for line in lines:
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            yield data if data == "[DONE]" else json.loads(data)
+
+
