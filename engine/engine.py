@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, ModelError
 from .kv_cache import KVCache
 from .loader import TensorStore, build_transformer
 from .params import GenerationParams, TokenEvent
@@ -158,17 +159,18 @@ class StopStrings:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
-               max_seq_len: int = DEFAULT_MAX_SEQ_LEN) -> Engine:
-    """Load an EXL2 or plain HF model directory."""
+               max_seq_len: int = DEFAULT_MAX_SEQ_LEN, progress: bool | None = None) -> Engine:
+    """Load an EXL2 or plain HF model directory (a progress bar on a terminal, unless progress=False)."""
     path = Path(path)
     if not path.is_dir():
-        from .config import ModelError
         raise ModelError(f"{path}: not a directory")
     dev = resolve_device(device)
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = ModelConfig.from_dir(path)
-    model = build_transformer(path, cfg, dev, dtype)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    model = build_transformer(path, cfg, dev, dtype, progress)
     tok = Tokenizer.from_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
     max_seq_len = min(max_seq_len, max(cfg.max_position_embeddings, 1))
     quantized = TensorStore(path).is_quantized()

@@ -83,7 +83,9 @@ def _norm(store: TensorStore, key: str, cfg: ModelConfig, device, dtype):
     return RMSNorm(w, cfg.norm_eps)
 
 
-def build_transformer(path: str | Path, cfg: ModelConfig, device, dtype) -> Transformer:
+def build_transformer(path: str | Path, cfg: ModelConfig, device, dtype, progress: bool = False) -> Transformer:
+    from tqdm import tqdm
+
     store = TensorStore(path)
     fam, h, hd = cfg.family, cfg.hidden_size, cfg.head_dim
     act = ACTIVATIONS.get(cfg.hidden_act)
@@ -95,7 +97,7 @@ def build_transformer(path: str | Path, cfg: ModelConfig, device, dtype) -> Tran
 
     rope = Rope(cfg.rope, hd, cfg.max_position_embeddings, device, dtype)
     layers = []
-    for i in range(cfg.num_layers):
+    for i in tqdm(range(cfg.num_layers), desc=f"loading {Path(path).name}", unit="layer", disable=not progress):
         p = f"model.layers.{i}"
         a = f"{p}.self_attn"
         q_norm = k_norm = None

@@ -35,7 +35,7 @@ def make_groups(mix: Mix, k: int) -> list[Group]:
         if i == len(parts) - 1:
             r = left
         else:
-            r = min(left, int(round(frac * k / gs)) * gs)
+            r = min(left, max(gs if frac > 0 else 0, int(round(frac * k / gs)) * gs))
         rows_per_part.append(r)
         left -= r
     groups: list[Group] = []
