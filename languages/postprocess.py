@@ -134,8 +134,9 @@ def _indent_cut(text: str, prefix: str, suffix: str, language: Language, d: list
     return text
 
 
-def _dedupe(text: str, d: list[str]) -> str:
+def _dedupe(text: str, p_last: str, d: list[str]) -> str:
     lines = text.split("\n")
+    lines[0] = leading_ws(p_last) + lines[0]  # the first line starts at the cursor's indentation
     for i in range(len(lines)):
         for k in range(1, 5):
             block = lines[i:i + k]
@@ -143,17 +144,18 @@ def _dedupe(text: str, d: list[str]) -> str:
                 continue
             if lines[i + k:i + 2 * k] == block and lines[i + 2 * k:i + 3 * k] == block:
                 d.append(f"removed degenerate repetition from line {i + k + 1}")
-                return "\n".join(lines[:i + k])
+                return "\n".join(text.split("\n")[:i + k])
     return text
 
 
 def _drop_suffix_repeat(text: str, suffix: str, d: list[str]) -> str:
-    s = [l.strip() for l in suffix.split("\n")[1:] if l.strip()][:8]
+    # Compared with their indentation: a nested "}" is not the suffix's "}".
+    s = [l.rstrip() for l in suffix.split("\n")[1:] if l.strip()][:8]
     lines = text.split("\n")
     if not s:
         return text
     for i in range(1, len(lines)):
-        tail = [l.strip() for l in lines[i:] if l.strip()]
+        tail = [l.rstrip() for l in lines[i:] if l.strip()]
         if not tail or tail[0] != s[0]:
             continue
         m = min(len(tail), len(s))
@@ -218,7 +220,7 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
             text = text.split("\n", 1)[0]
         d.append("single line: the cursor is mid-line")
     elif "\n" in text.strip("\n"):
-        text = _dedupe(text, d)
+        text = _dedupe(text, prefix.rsplit("\n", 1)[-1], d)
         cut = _tree_cut(text, prefix, suffix, language, d) if language.grammar else None
         text = cut if cut is not None else _indent_cut(text, prefix, suffix, language, d)
         text = _drop_suffix_repeat(text, suffix, d)
