@@ -62,13 +62,15 @@ def _cut_closing(text: str, li: int, prefix_line: str, suffix: str, language: La
     return "\n".join(lines[:li + 1])
 
 
-def _window_start(p_lines: list[str]) -> int:
+def _window_start(p_lines: list[str], language: Language) -> int:
     """The latest least-indented line among the last WINDOW_BEFORE: a good place to start parsing."""
+    braces = "}" in language.block_end
     lo = max(0, len(p_lines) - WINDOW_BEFORE)
     best, best_ind = lo, 1 << 30
     for i in range(len(p_lines) - 2, lo - 1, -1):
         s = p_lines[i]
-        if s.strip() and indent_of(s) < best_ind:
+        # In brace languages a line ending in ":" is a label ("public:", "case 1:"), not a start.
+        if s.strip() and indent_of(s) < best_ind and not (braces and s.rstrip().endswith(":")):
             best, best_ind = i, indent_of(s)
             if best_ind == 0:
                 break
@@ -77,7 +79,7 @@ def _window_start(p_lines: list[str]) -> int:
 
 def _tree_cut(text: str, prefix: str, suffix: str, language: Language, d: list[str]) -> str | None:
     p_lines = prefix.split("\n")
-    head = "\n".join(p_lines[_window_start(p_lines):])
+    head = "\n".join(p_lines[_window_start(p_lines, language):])
     tail = "\n".join(suffix.split("\n")[:WINDOW_AFTER])
     parsed = parse(language, head + text + tail)
     if parsed is None:
@@ -215,10 +217,18 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
         if s != "\n":
             d.append(f"stopped at {s!r}")
     rest = suffix.split("\n", 1)[0]
-    if not prompt.multiline:
+    single = not prompt.multiline
+    p_last = prefix.rsplit("\n", 1)[-1]
+    if prompt.multiline and rest.strip() and p_last.strip() and "\n" in text.strip("\n"):
+        # Only auto-closed text after the cursor: stay on the line unless the completion
+        # starts on a new line or opens a block at its end.
+        first = text.split("\n", 1)[0].rstrip()
+        single = bool(first.strip()) and not first.endswith(("{", "(", "[", ",", ":", " do", "|", "=>"))
+    if single:
         if "\n" in text:
             text = text.split("\n", 1)[0]
-        d.append("single line: the cursor is mid-line")
+        d.append("single line: the cursor is mid-line" if not prompt.multiline
+                 else "single line: only auto-closed text follows the cursor")
     elif "\n" in text.strip("\n"):
         text = _dedupe(text, prefix.rsplit("\n", 1)[-1], d)
         cut = _tree_cut(text, prefix, suffix, language, d) if language.grammar else None
