@@ -10,6 +10,9 @@ from starlette.testclient import TestClient
 
 PY = {"language": "python", "segments": {"prefix": "def fib(n):\n    ", "suffix": "\n\nprint(fib(3))\n"}}
 
+# a raw FIM prompt without stop strings: the tiny model decodes it to max_tokens
+RAW_LONG = {"debug_options": {"raw_prompt": "<fim_prefix>def fib(n):\n    <fim_suffix>\n<fim_middle>"}, "temperature": 0}
+
 
 def is_error(r, status, type_=None):
     assert r.status_code == status, r.text
@@ -187,14 +190,22 @@ async def _post(c, body):
 
 def test_queue_full_503_and_supersede_queued(make_app):
     app = make_app(queue_size=1, max_tokens=400)
+    worker = app.state.server.worker
+
+    async def until(cond):
+        for _ in range(500):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached")
 
     async def main():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
-            long = asyncio.create_task(_post(c, {**PY, "max_tokens": 150, "user": "a", "temperature": 0}))
-            await asyncio.sleep(0.3)  # `long` runs now
+            long = asyncio.create_task(_post(c, {**RAW_LONG, "max_tokens": 400, "user": "a"}))
+            await until(lambda: worker.busy and worker.depth == 0)  # `long` runs now
             queued = asyncio.create_task(_post(c, {**PY, "max_tokens": 2, "user": "b"}))
-            await asyncio.sleep(0.05)
+            await until(lambda: worker.depth == 1)
             full = await _post(c, {**PY, "max_tokens": 2, "user": "c"})
             # a newer request of user b takes the place of the queued one
             newer = asyncio.create_task(_post(c, {**PY, "max_tokens": 2, "user": "b"}))
@@ -210,6 +221,6 @@ def test_queue_full_503_and_supersede_queued(make_app):
 
 def test_timeout(make_app):
     with TestClient(make_app(timeout_s=0.3, max_tokens=1000)) as c:
-        r = c.post("/v1/completions", json={**PY, "max_tokens": 1000, "temperature": 0})
+        r = c.post("/v1/completions", json={**RAW_LONG, "max_tokens": 1000})
     err = is_error(r, 504, "timeout")
     assert "0.3 s" in err["message"]
