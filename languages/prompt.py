@@ -121,16 +121,20 @@ def _assemble(lines, keep: set[int], language, enc) -> tuple[list[str], int]:
     return pieces, cost
 
 
+def _cursor_line_only(lines, cap, enc, decisions):
+    """Even the cursor line does not fit: its last tokens only (build_prompt takes them)."""
+    decisions.append(f"prefix: cut to the last {max(cap, 0)} tokens of the cursor line")
+    return [], set()
+
+
 def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder, decisions: list[str]):
     """Fit the prefix lines into `cap` tokens; returns the pieces and the kept indices."""
     n = len(lines)
     total_taken, _ = _walk(lines, range(n - 1, -1, -1), cap, enc)
     if total_taken == n:
         return lines, set(range(n))
-    if total_taken == 0:  # the cursor line alone is too long: keep its end, by tokens
-        ids = enc(lines[-1])[-cap:] if cap > 0 else []
-        decisions.append(f"prefix: cursor line cut to its last {len(ids)} tokens")
-        return [enc.tok.decode(ids)] if ids else [], set()
+    if total_taken == 0:
+        return _cursor_line_only(lines, cap, enc, decisions)
     # 1. the lines nearest the cursor get half the room first
     near, _ = _walk(lines, range(n - 1, -1, -1), max(cap // 2, 1), enc)
     near = max(near, 1)
@@ -159,7 +163,12 @@ def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder,
         if i not in keep and not try_add([i]):
             break
         i -= 1
-    pieces, _ = _assemble(lines, keep, language, enc)
+    pieces, cost = _assemble(lines, keep, language, enc)
+    while cost > cap and keep:  # the one forced near line plus its marker may not fit
+        keep.discard(min(keep))
+        pieces, cost = _assemble(lines, keep, language, enc)
+    if not keep:
+        return _cursor_line_only(lines, cap, enc, decisions)
     elided = n - len(keep)
     decisions.append(f"prefix: {n} lines over budget; kept {len(keep)} "
                      f"({len(headers)} scope headers, {len(imports)} imports), elided {elided} behind '{language.comment('...')}' markers")
@@ -185,6 +194,8 @@ def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLik
     blocks = request_blocks(segments, language)
     ctx_need = sum(enc.n(b) for _, b in blocks)
     ctx_cap = min(ctx_need, avail // 4)
+    if p_need + s_need > avail:  # something will be elided: keep room for its signatures
+        ctx_cap = min(avail // 4, max(ctx_need, avail // 8))
     s_cap = min(s_need, max(avail // 4, avail - ctx_cap - p_need))
     p_cap = avail - ctx_cap - s_cap
 

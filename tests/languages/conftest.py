@@ -1,39 +1,13 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from tokenizers import AddedToken
-from tokenizers import Tokenizer as HFTokenizer
 
-from engine.tokenizer import Tokenizer
-
-FIXTURE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "exl2" / "llama-tiny-fp16"
-
-
-def _safe(tok: Tokenizer) -> Tokenizer:
-    """Engine's encode passes split_special_tokens, which tokenizers 0.23 lacks; same effect here."""
-    try:
-        tok.encode("x")
-    except TypeError:
-        tok._tok.encode_special_tokens = True
-        tok.encode = lambda text: tok._tok.encode(text, add_special_tokens=False).ids
-    return tok
-
-
-def load_tokenizer(extra_special: list[str] = ()) -> Tokenizer:
-    hf = HFTokenizer.from_file(str(FIXTURE / "tokenizer.json"))
-    if extra_special:
-        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_special])
-    return _safe(Tokenizer(hf, eos_token_ids=(0,)))
+from lang_fixtures import FIXTURE, QWEN_TOKENS, Tokenizer, _safe, load_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
     return _safe(Tokenizer.from_dir(FIXTURE))
-
-
-QWEN_TOKENS = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"]
 
 
 @pytest.fixture(scope="session")
