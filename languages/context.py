@@ -2,10 +2,16 @@
 of definitions elsewhere in the file that the code near the cursor uses."""
 from __future__ import annotations
 
+import re
+
 from .data import Language
 from .segments import Segments, Snippet
 from .syntax import captures
 from .text import indent_of, to_lf, words
+
+_CALL = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+# Calls that are control flow in most languages, never user definitions worth a signature.
+_COMMON = {"if", "for", "while", "switch", "return", "print", "len", "catch", "function", "func", "fn", "def"}
 
 
 def render_block(language: Language, path: str, body: str) -> str:
@@ -50,7 +56,10 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
     Only candidate lines (a used name as a whole word, shallow indentation, not a
     comment) get parsed, each on its own, so a 2,000-line file costs microseconds.
     """
-    names = {w for w in words(near) if len(w) > 2}
+    # Names that are called ("name(") or look like types (Capitalised), minus the language's keywords.
+    keywords = words(" ".join(language.top_level_keywords + language.definition_keywords))
+    names = {m.group(1) for m in _CALL.finditer(near)} | {w for w in words(near) if w[:1].isupper()}
+    names -= keywords | _COMMON
     if not names:
         return []
     out: list[str] = []

@@ -143,16 +143,28 @@ def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder,
     _, used = _assemble(lines, keep, language, enc)
     extra: list[list[int]] = []
 
+    def marker(i: int) -> int:
+        return enc.n(_marker(language, leading_ws(lines[i])))
+
     def try_add(group: list[int]) -> bool:
+        """Add the lines if they fit; the cost changes by their tokens and the markers they make or close."""
         nonlocal used
-        trial = keep | set(group)
-        _, c = _assemble(lines, trial, language, enc)
-        if c <= cap:
-            keep.update(group)
-            used = c
-            extra.append(group)
-            return True
-        return False
+        added: set[int] = set()
+        delta = 0
+        for j in group:
+            if j in keep or j in added:
+                continue
+            has = lambda k: k in keep or k in added  # noqa: E731
+            delta += enc.n(lines[j]) + (marker(j) if j > 0 and not has(j - 1) else 0)
+            if has(j + 1):
+                delta -= marker(j + 1)
+            added.add(j)
+        if used + delta > cap:
+            return False
+        keep.update(added)
+        used += delta
+        extra.append(group)
+        return True
 
     # 2. headers of the enclosing scopes, 3. imports
     headers = [h for h in _scope_headers(lines, start, language) if try_add([h])]
