@@ -2,6 +2,8 @@
 of definitions elsewhere in the file that the code near the cursor uses."""
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 
 from .data import Language
@@ -65,17 +67,25 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
     out: list[str] = []
     seen: set[str] = set()
     comment = language.line_comment or "\x00"
-    for i, line in enumerate(elided):
-        s = line.strip()
-        if not s or s.startswith(comment) or indent_of(line) > 8 or "(" not in s and "class" not in s and "struct" not in s:
+    # One regex pass over the elided text finds candidate lines; only those get looked at.
+    text = "".join(elided)
+    starts = list(itertools.accumulate((len(l) for l in elided), initial=0))
+    rx = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
+    for m in rx.finditer(text):
+        name = m.group(1)
+        if name in seen:
             continue
-        hit = names & words(s.split("(", 1)[0] if "(" in s else s)
-        for name in hit - seen:
-            sig = _signature(elided, i)
-            if _is_definition(language, sig, name):
-                seen.add(name)
-                out.append(sig.strip("\n"))
+        i = bisect.bisect_right(starts, m.start()) - 1
+        line = elided[i]
+        s = line.strip()
+        if not s or s.startswith(comment) or indent_of(line) > 8:
+            continue
+        if name not in words(s.split("(", 1)[0]):  # the name before any "(": being defined, not called
+            continue
+        sig = _signature(elided, i)
+        if _is_definition(language, sig, name):
+            seen.add(name)
+            out.append(sig.strip("\n"))
+            if len(out) >= limit:
                 break
-        if len(out) >= limit:
-            break
     return out
