@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from lang_fixtures import FIXTURE, QWEN_TOKENS, Tokenizer, _safe, load_tokenizer
+from lang_fixtures import FIXTURE, QWEN_TOKENS, Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
-    return _safe(Tokenizer.from_dir(FIXTURE))
+    return Tokenizer.from_dir(FIXTURE)
 
 
 @pytest.fixture(scope="session")

@@ -10,21 +10,11 @@ from engine.tokenizer import Tokenizer
 FIXTURE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "exl2" / "llama-tiny-fp16"
 
 
-def _safe(tok: Tokenizer) -> Tokenizer:
-    """Engine's encode passes split_special_tokens, which tokenizers 0.23 lacks; same effect here."""
-    try:
-        tok.encode("x")
-    except TypeError:
-        tok._tok.encode_special_tokens = True
-        tok.encode = lambda text: tok._tok.encode(text, add_special_tokens=False).ids
-    return tok
-
-
 def load_tokenizer(extra_special: list[str] = ()) -> Tokenizer:
     hf = HFTokenizer.from_file(str(FIXTURE / "tokenizer.json"))
     if extra_special:
         hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_special])
-    return _safe(Tokenizer(hf, eos_token_ids=(0,)))
+    return Tokenizer(hf, eos_token_ids=(0,))
 
 
 QWEN_TOKENS = ["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"]
