@@ -257,12 +257,18 @@ async def _stream(srv: Server, job: Job, req: CompletionRequest):
     raw = [""] * req.n
     texts: list[str] = []
     outcome = "ok"
+    error_sent = False
+
+    def cancel_error() -> tuple[str, str]:
+        _, type_, msg = OUTCOME_ERRORS.get(job.cancel_reason or "cancelled", OUTCOME_ERRORS["cancelled"])
+        return type_, msg
+
     try:
         while True:
             try:
                 item = await job.next()
             except JobTimeout as exc:
-                outcome = "timeout"
+                outcome, error_sent = "timeout", True
                 yield {"data": _event(job, [], ("timeout", str(exc)))}
                 break
             if item.kind == "prepared":
@@ -279,25 +285,24 @@ async def _stream(srv: Server, job: Job, req: CompletionRequest):
                 texts.append(text)
                 err = None
                 if ev.finish_reason == "cancelled" and job.cancel_reason:
-                    _, type_, msg = OUTCOME_ERRORS.get(job.cancel_reason, OUTCOME_ERRORS["cancelled"])
-                    err = (type_, msg)
+                    err, error_sent = cancel_error(), True
                 yield {"data": _event(job, [StreamChoice(index=item.index, text=delta, finish_reason=ev.finish_reason,
                                                          completion=text)], err)}
             elif item.kind == "error":
-                outcome = "error"
+                outcome, error_sent = "error", True
                 log.error("completion %s failed: %r", job.id, item.value)
                 yield {"data": _event(job, [], ("internal_error", f"{type(item.value).__name__}: {item.value}"))}
                 break
             elif item.kind == "end":
-                if job.cancel_reason and info is None or (job.cancel_reason and len(texts) < req.n and not texts):
-                    _, type_, msg = OUTCOME_ERRORS.get(job.cancel_reason, OUTCOME_ERRORS["cancelled"])
-                    yield {"data": _event(job, [], (type_, msg))}
+                if job.cancel_reason and not error_sent:
+                    error_sent = True
+                    yield {"data": _event(job, [], cancel_error())}
                 break
-        if job.cancel_reason:
+        if job.cancel_reason and outcome == "ok":
             outcome = job.cancel_reason
         yield {"data": "[DONE]"}
     finally:
-        if not job.done_event.is_set():
+        if not job.done_event.is_set() and not job.cancelled:
             job.cancel("disconnected")
             outcome = "disconnected"
         srv.log_completion(job, req, info, texts, outcome)

@@ -109,3 +109,15 @@ def test_newer_request_supersedes_running_one(live):
     assert a.status_code == b.status_code == 200
     text = httpx.get(f"{url}/metrics").text
     assert 'kodkod_cancellations_total{reason="superseded"} 1.0' in text
+
+
+def test_stream_timeout_ends_with_error_event(live):
+    url, app = live(max_tokens=1000, timeout_s=0.4)
+    with httpx.stream("POST", f"{url}/v1/completions", json={**LONG, "stream": True}, timeout=30) as r:
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "timeout"
+    job = wait_done(_job(app, events[0]["id"]))
+    assert job.cancel_reason == "timeout" and job.steps_at_end - job.steps_at_cancel <= 1
+    line = [l for l in app.state.server.log.read() if l["kind"] == "completion"][-1]
+    assert line["outcome"] == "timeout"
