@@ -189,6 +189,7 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 async def _complete(srv: Server, job: Job, req: CompletionRequest, request: Request) -> Response:
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     info: Prepared | None = None
+    early: list = []
     raw = [""] * req.n
     finish: list[str | None] = [None] * req.n
     texts: list[str] = []
@@ -197,10 +198,15 @@ async def _complete(srv: Server, job: Job, req: CompletionRequest, request: Requ
             item = await job.next()
             if item.kind == "prepared":
                 info = item.value
+                early = [srv.service.early_stop(info) for _ in range(req.n)]
             elif item.kind == "token":
-                raw[item.index] += item.value.text
+                i = item.index
+                raw[i] += item.value.text
                 if item.value.finish_reason:
-                    finish[item.index] = item.value.finish_reason
+                    finish[i] = _finish_reason(job, i, item.value.finish_reason)
+                elif early[i].check(raw[i]):
+                    job.stop_choice(i)
+                    srv.metrics.early_stops.inc()
             elif item.kind == "error":
                 raise item.value
             elif item.kind == "end":
@@ -246,6 +252,13 @@ async def _complete(srv: Server, job: Job, req: CompletionRequest, request: Requ
         watcher.cancel()
 
 
+def _finish_reason(job: Job, index: int, reason: str) -> str:
+    """A choice the server ended early, because its completion was settled, finished with "stop"."""
+    if reason == "cancelled" and job.cancel_reason is None and index in job.stopped_choices:
+        return "stop"
+    return reason
+
+
 def _event(job: Job, choices: list[StreamChoice], error: tuple[str, str] | None = None) -> str:
     ev = StreamEvent(id=job.id, choices=choices,
                      error={"type": error[0], "message": error[1]} if error else None)
@@ -254,6 +267,7 @@ def _event(job: Job, choices: list[StreamChoice], error: tuple[str, str] | None 
 
 async def _stream(srv: Server, job: Job, req: CompletionRequest):
     info: Prepared | None = None
+    early: list = []
     raw = [""] * req.n
     texts: list[str] = []
     outcome = "ok"
@@ -273,6 +287,7 @@ async def _stream(srv: Server, job: Job, req: CompletionRequest):
                 break
             if item.kind == "prepared":
                 info = item.value
+                early = [srv.service.early_stop(info) for _ in range(req.n)]
             elif item.kind == "token":
                 ev = item.value
                 raw[item.index] += ev.text
@@ -280,13 +295,17 @@ async def _stream(srv: Server, job: Job, req: CompletionRequest):
                 if ev.finish_reason is None:
                     if delta:
                         yield {"data": _event(job, [StreamChoice(index=item.index, text=delta)])}
+                    if early[item.index].check(raw[item.index]):
+                        job.stop_choice(item.index)
+                        srv.metrics.early_stops.inc()
                     continue
                 text, _ = srv.service.finish_text(raw[item.index], info)
                 texts.append(text)
                 err = None
                 if ev.finish_reason == "cancelled" and job.cancel_reason:
                     err, error_sent = cancel_error(), True
-                yield {"data": _event(job, [StreamChoice(index=item.index, text=delta, finish_reason=ev.finish_reason,
+                reason = _finish_reason(job, item.index, ev.finish_reason)
+                yield {"data": _event(job, [StreamChoice(index=item.index, text=delta, finish_reason=reason,
                                                          completion=text)], err)}
             elif item.kind == "error":
                 outcome, error_sent = "error", True

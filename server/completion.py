@@ -199,9 +199,54 @@ class CompletionService:
             text = text.replace("\r\n", "\n").replace("\n", "\r\n")
         return text, []
 
+    def early_stop(self, info: Prepared) -> "EarlyStop":
+        return EarlyStop(info)
+
     @staticmethod
     def stream_delta(delta: str, info: Prepared) -> str:
         """A streamed delta in the client's line endings."""
         if info.crlf:
             return delta.replace("\r\n", "\n").replace("\n", "\r\n")
         return delta
+
+
+class EarlyStop:
+    """Stops a generation as soon as post-processing has settled on its completion.
+
+    After each new complete line of raw text, post-process the complete lines. When
+    post-processing drops at least one non-blank line at the end (the completion
+    closed its scope, repeated itself, ran into the suffix...) and gives the same
+    text at two checkpoints in a row, more tokens cannot change the answer, so
+    nobody would read them: the caller stops the choice.
+    """
+
+    def __init__(self, info: Prepared):
+        self.info = info
+        self.enabled = HAVE_LANGUAGES and not info.raw and info.segments is not None
+        self.checked = -1
+        self.last: str | None = None
+        self.decisions: list[str] = []
+
+    def check(self, raw: str) -> bool:
+        if not self.enabled:
+            return False
+        end = raw.rfind("\n")
+        if end <= self.checked:
+            return False
+        self.checked = end
+        complete = raw[: end + 1].replace("\r\n", "\n")
+        try:
+            done = postprocess(complete, self.info.segments, self.info.lang, self.info.prompt)
+        except Exception:  # post-processing of partial text must never break a completion
+            self.enabled = False
+            return False
+        text = done.text.replace("\r\n", "\n")
+        if not text.strip() or not complete.startswith(text) or not any(
+                line.strip() for line in complete[len(text):].split("\n")):
+            self.last = None
+            return False
+        stable = self.last == text
+        self.last = text
+        if stable:
+            self.decisions = list(getattr(done, "decisions", []) or [])
+        return stable

@@ -68,6 +68,8 @@ class Job:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._out: asyncio.Queue[Item] | None = None
         self._worker: "EngineWorker | None" = None
+        self._choice: tuple[int, threading.Event] | None = None  # the choice being generated
+        self.stopped_choices: set[int] = set()
 
     # ---- consumer side (event loop) ----
     async def next(self) -> Item:
@@ -91,7 +93,17 @@ class Job:
         if self._worker is not None and self._worker.engine is not None:
             self.steps_at_cancel = self._worker.engine.decode_steps
         self.cancel_event.set()
+        if self._choice is not None:
+            self._choice[1].set()
         self._demand.release()  # wake the worker if it waits for demand
+
+    def stop_choice(self, index: int) -> None:
+        """End choice `index` early (its completion is already known); the next choices still run.
+        Call it before asking for the next item: the engine then ends the choice without a forward pass."""
+        c = self._choice
+        if c is not None and c[0] == index:
+            self.stopped_choices.add(index)
+            c[1].set()
 
     @property
     def cancelled(self) -> bool:
@@ -230,7 +242,11 @@ class EngineWorker:
         for index, (ids, params) in enumerate(plan):
             if not job._wait_demand():
                 return
-            gen: Iterator = self.engine.generate(ids, params, job.cancel_event)
+            choice_cancel = threading.Event()
+            job._choice = (index, choice_cancel)
+            if job.cancel_event.is_set():
+                choice_cancel.set()
+            gen: Iterator = self.engine.generate(ids, params, choice_cancel)
             first = True
             while True:
                 if not first and not job._wait_demand():

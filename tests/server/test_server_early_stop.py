@@ -1,0 +1,75 @@
+"""Nothing is generated that nobody will read: a choice ends once post-processing has settled it."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("languages")
+
+
+def _prepared(engine, config, prefix, suffix, language="python"):
+    from server.completion import CompletionService
+    from server.schemas import CompletionRequest
+
+    svc = CompletionService(engine, config)
+    req = CompletionRequest(language=language, segments={"prefix": prefix, "suffix": suffix})
+    info, _ = svc._prepare(req)
+    return svc, info
+
+
+def test_early_stop_rule(engine, make_config):
+    svc, info = _prepared(engine, make_config(), "def f(x):\n    ", "\n\nprint(f(3))\n")
+    es = svc.early_stop(info)
+    assert not es.check("y = x + 1\n")
+    assert not es.check("y = x + 1\n    return y\n")
+    # the first line outside the function: post-processing cuts it; wait for one more line
+    assert not es.check("y = x + 1\n    return y\nprint(1)\n")
+    assert es.check("y = x + 1\n    return y\nprint(1)\nprint(2)\n")
+    # blank lines inside a body never stop it
+    es = svc.early_stop(info)
+    for raw in ("y = x\n", "y = x\n\n", "y = x\n\n    z = 2\n", "y = x\n\n    z = 2\n\n"):
+        assert not es.check(raw)
+    # raw prompts are never cut
+    from server.completion import Prepared
+    raw_info = Prepared(prompt=info.prompt, segments=None, lang=None, raw=True, crlf=False, language=None)
+    assert not svc.early_stop(raw_info).check("a\nb\nc\nd\n")
+
+
+def test_stop_choice_ends_one_choice_within_one_step(engine, make_config):
+    """The worker ends a stopped choice without another forward pass and goes on with the next."""
+    from engine import GenerationParams
+    from server.worker import EngineWorker, Job
+
+    ids = [1] + engine.tokenizer.encode("def fib(n):\n    ") + [3] + engine.tokenizer.encode("\n") + [2]
+    params = GenerationParams(max_new_tokens=300)
+    worker = EngineWorker(engine)
+    worker.start()
+
+    async def main():
+        job = Job(prepare=lambda: (None, [(ids, params), (ids, GenerationParams(max_new_tokens=3))]))
+        worker.submit(job)
+        assert (await job.next()).kind == "prepared"
+        for _ in range(5):
+            item = await job.next()
+            assert item.kind == "token" and item.value.finish_reason is None
+        steps = engine.decode_steps
+        job.stop_choice(0)
+        last = await job.next()
+        assert last.index == 0 and last.value.finish_reason == "cancelled"
+        assert engine.decode_steps == steps  # no forward pass after the stop
+        reasons = []
+        while True:
+            item = await job.next()
+            if item.kind == "end":
+                break
+            if item.value.finish_reason:
+                reasons.append((item.index, item.value.finish_reason))
+        return job, reasons
+
+    try:
+        job, reasons = asyncio.run(main())
+    finally:
+        worker.stop()
+    assert reasons == [(1, "length")]
+    assert job.stopped_choices == {0} and job.cancel_reason is None
