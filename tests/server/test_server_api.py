@@ -224,3 +224,46 @@ def test_timeout(make_app):
         r = c.post("/v1/completions", json={**RAW_LONG, "max_tokens": 1000})
     err = is_error(r, 504, "timeout")
     assert "0.3 s" in err["message"]
+
+
+def test_same_token_supersedes_without_user(make_app):
+    app = make_app(tokens=["tok-a", "tok-b"], max_tokens=400)
+    worker = app.state.server.worker
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            def post(body, token):
+                return c.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {token}"})
+            first = asyncio.create_task(post({**RAW_LONG, "max_tokens": 40}, "tok-a"))
+            for _ in range(500):
+                if worker.busy:
+                    break
+                await asyncio.sleep(0.01)
+            other = await post({**PY, "max_tokens": 2}, "tok-b")  # another token: waits its turn
+            return first, other
+
+    async def run():
+        first, other = await main()
+        return await first, other
+
+    first, other = asyncio.run(run())
+    # tok-b did not supersede tok-a: it waited until tok-a finished
+    assert first.status_code == 200 and other.status_code == 200
+
+    async def main2():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
+            def post(body):
+                return c.post("/v1/completions", json=body, headers={"Authorization": "Bearer tok-a"})
+            first = asyncio.create_task(post({**RAW_LONG, "max_tokens": 400}))
+            for _ in range(500):
+                if worker.busy:
+                    break
+                await asyncio.sleep(0.01)
+            second = await post({**PY, "max_tokens": 2})
+            return await first, second
+
+    first, second = asyncio.run(main2())
+    is_error(first, 409, "superseded")
+    assert second.status_code == 200
