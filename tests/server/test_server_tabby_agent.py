@@ -138,6 +138,7 @@ def test_tabby_agent_inline_completion(live, tmp_path):
         got = items[0].get("insertText") or items[0].get("textEdit", {}).get("newText", "")
         served = [t for c in comps for t in c.get("completions", [])]
         # the agent post-processes (trims, cuts at scope ends); what it shows comes from our text
+        print(f"tabby-agent via {method}: {got!r}; server sent {served!r}")
         first_line = got.splitlines()[0].strip() if got.strip() else ""
         assert first_line and any(first_line in s for s in served), (got, served)
         assert any(c["language"] == "python" for c in comps)
