@@ -113,6 +113,7 @@ def convert(
     if out.resolve() == in_dir.resolve():
         raise ConvertError("the output directory must differ from the input directory")
     t_start = time.time()
+    torch.set_flush_denormal(True)  # tiny weights times tiny errors: denormals are very slow on CPU
     eng = load_model(in_dir, device=device)
     if eng.quantized:
         raise ConvertError(f"{in_dir} is already quantized (EXL2); convert needs an fp16/bf16/fp32 model")

@@ -61,35 +61,50 @@ def bpw(groups: list[Group], n: int) -> float:
     return storage_bits(groups, n) / (k * n)
 
 
-def search_scales(w: torch.Tensor, bits: int, row_weight: torch.Tensor | None = None,
-                  chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-column scale codes for one group w [r, N].
+def search_scales_batch(w: torch.Tensor, bits: int, row_weight: torch.Tensor | None = None,
+                        chunk_elems: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-column scale codes for G groups at once: w [G, r, N] (row_weight [G, r]).
 
     The group maximum comes from the per-column max-abs; each column then tries all 16
     square-root scale codes and keeps the one with the lowest (row-weighted) squared error.
-    Returns (nibble codes [N] int64 0..15, scale_max fp16 scalar tensor, scales [N] fp32).
+    Returns (nibble codes [G, N] int64 0..15, scale_max [G] fp16, scales [G, N] fp32).
     """
     z = 1 << (bits - 1)
     maxq = (1 << bits) - 1
-    ideal = torch.maximum(-w.min(0).values / z, w.max(0).values / (z - 1))
-    m = float(ideal.max().clamp_min(1e-10))
-    m16 = torch.tensor(m, dtype=torch.float16)
-    if not math.isfinite(float(m16)) or float(m16) == 0.0:
-        m16 = torch.tensor(max(min(m, 65504.0), 6e-8), dtype=torch.float16)
-    mf = float(m16)
-    cand = ((torch.arange(16, dtype=torch.float32, device=w.device) + 1) / 16) ** 2 * mf  # [16]
-    n = w.shape[1]
-    nib = torch.empty(n, dtype=torch.int64, device=w.device)
-    rw = None if row_weight is None else row_weight.view(1, -1, 1)
-    for c0 in range(0, n, chunk):
-        wc = w[:, c0:c0 + chunk].unsqueeze(0)  # [1, r, C]
-        s = cand.view(16, 1, 1)
-        q = torch.clamp(torch.round(wc / s) + z, 0, maxq)
-        err = (wc - (q - z) * s) ** 2
+    ideal = torch.maximum(-w.amin(1) / z, w.amax(1) / (z - 1))  # [G, N]
+    m = ideal.amax(1).clamp(6.1e-5, 65504.0)  # [G]
+    m16 = m.to(torch.float16)
+    mf = m16.float()
+    steps = ((torch.arange(16, dtype=torch.float32, device=w.device) + 1) / 16) ** 2  # [16]
+    g, r, n = w.shape
+    # the code that just covers the column's range, then a few around it
+    base = (torch.ceil(16 * torch.sqrt(ideal / mf.view(g, 1))) - 1).clamp(0, 15).to(torch.int64)  # [G, N]
+    rw = None if row_weight is None else row_weight.float().view(g, r, 1)
+    best = arg = None
+    deltas = (0, -1, -2, 1) if bits >= 4 else (0, -1, -2, -3, -4, -5, -6, -8, 1)
+    for delta in deltas:
+        cand = (base + delta).clamp(0, 15)
+        s = (steps[cand] * mf.view(g, 1)).unsqueeze(1)  # [G, 1, N]
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        err = (w - (q - z) * s) ** 2
         if rw is not None:
             err = err * rw
-        nib[c0:c0 + chunk] = err.sum(1).argmin(0)
-    return nib, m16, cand[nib]
+        e = err.sum(1)  # [G, N]
+        if best is None:
+            best, arg = e, cand
+        else:
+            better = e < best
+            best = torch.where(better, e, best)
+            arg = torch.where(better, cand, arg)
+    nib = arg
+    scales = steps[nib] * mf.view(g, 1)
+    return nib, m16, scales
+
+
+def search_scales(w: torch.Tensor, bits: int, row_weight: torch.Tensor | None = None):
+    """One group w [r, N]: (nibble codes [N], scale_max fp16 scalar, scales [N])."""
+    nib, m16, s = search_scales_batch(w.unsqueeze(0), bits, None if row_weight is None else row_weight.unsqueeze(0))
+    return nib[0], m16[0], s[0]
 
 
 def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,20 +170,27 @@ def rtn(weight: torch.Tensor, groups: list[Group], h_diag: torch.Tensor | None =
     codes = torch.empty(k, n, dtype=torch.int16, device=wt.device)
     deq = torch.empty_like(wt)
     nibs, maxes = [], []
-    r0 = 0
-    for g in groups:
-        wg = wt[r0:r0 + g.rows]
-        nib, m16, s = search_scales(wg, g.bits, None if rw is None else rw[r0:r0 + g.rows])
-        q, d = quantize_rows(wg, s, g.bits)
-        codes[r0:r0 + g.rows], deq[r0:r0 + g.rows] = q.to(torch.int16), d
-        nibs.append(nib)
-        maxes.append(m16)
-        r0 += g.rows
+    r0, i = 0, 0
+    while i < len(groups):  # runs of groups with the same (bits, rows), done together
+        j = i
+        while j < len(groups) and groups[j] == groups[i]:
+            j += 1
+        g, cnt = groups[i], j - i
+        wg = wt[r0:r0 + g.rows * cnt].view(cnt, g.rows, n)
+        rwg = None if rw is None else rw[r0:r0 + g.rows * cnt].view(cnt, g.rows)
+        nib, m16, s = search_scales_batch(wg, g.bits, rwg)
+        q, d = quantize_rows(wg, s.unsqueeze(1), g.bits)
+        codes[r0:r0 + g.rows * cnt] = q.reshape(-1, n).to(torch.int16)
+        deq[r0:r0 + g.rows * cnt] = d.reshape(-1, n)
+        nibs += list(nib)
+        maxes += list(m16)
+        r0 += g.rows * cnt
+        i = j
     return QuantResult(codes, torch.stack(nibs), torch.stack(maxes), groups, perm, deq)
 
 
 def gptq(weight: torch.Tensor, groups: list[Group], hessian: torch.Tensor, damp: float = 0.01,
-         block: int = 128) -> QuantResult:
+         block: int = 32) -> QuantResult:
     """GPTQ with act-order: quantise rows one at a time, feeding each row's error forward
     through the inverse Hessian; scales are searched per group on the error-updated weights."""
     wt = _prepare(weight)

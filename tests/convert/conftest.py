@@ -1,0 +1,24 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = (REPO / ".." / "shared" / "fixtures" / "exl2").resolve()
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("KODKOD_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: needs the model download (set KODKOD_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords and str(item.fspath).startswith(str(Path(__file__).parent)):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16() -> Path:
+    p = FIXTURES / "llama-tiny-fp16"
+    if not p.is_dir():
+        pytest.skip(f"fixture {p} missing")
+    return p
