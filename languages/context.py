@@ -7,7 +7,7 @@ import itertools
 import re
 
 from .data import Language
-from .segments import Segments, Snippet
+from .segments import Segments
 from .syntax import captures
 from .text import indent_of, to_lf, words
 

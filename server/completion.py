@@ -21,18 +21,14 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 64
 DEFAULT_TEMPERATURE = 0.1
 
-try:  # the languages package (prompt building, post-processing)
-    import languages as _languages  # noqa: F401
-    from languages import (Segments as LSegments, Snippet as LSnippet, build_prompt, fim_template_for,
-                           postprocess, resolve_language)
-    HAVE_LANGUAGES = True
-except ImportError:  # pragma: no cover - only while languages/ is missing
-    HAVE_LANGUAGES = False
+from languages import Segments as LSegments
+from languages import Snippet as LSnippet
+from languages import build_prompt, fim_template_for, postprocess, resolve_language
 
 
 @dataclass
 class _PlainPrompt:
-    """What a prompt is when it does not come from languages/ (raw prompts, fallback)."""
+    """A raw prompt (debug_options.raw_prompt): sent as it is, no FIM template, no post-processing."""
     ids: list[int]
     text: str
     stop_token_ids: tuple[int, ...] = ()
@@ -52,12 +48,6 @@ class Prepared:
     language: str | None
 
 
-_FALLBACK_FIM = [
-    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-]
-
-
 class CompletionService:
     def __init__(self, engine, config: ServerConfig):
         self.engine = engine
@@ -72,18 +62,10 @@ class CompletionService:
         self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
     def _init_template(self) -> None:
-        if HAVE_LANGUAGES:
-            try:
-                self.template = fim_template_for(self.tokenizer, self.config.fim_template)
-            except ValueError as exc:
-                self.template_error = str(exc)
-            return
-        for names in _FALLBACK_FIM:
-            ids = [self.tokenizer.token_id(n) for n in names]
-            if all(i is not None for i in ids):
-                self.template = ids
-                return
-        self.template_error = "the model has no fill-in-the-middle tokens"
+        try:
+            self.template = fim_template_for(self.tokenizer, self.config.fim_template)
+        except ValueError as exc:
+            self.template_error = str(exc)
 
     # ---- request → job ----
     def validate(self, req: CompletionRequest) -> None:
@@ -133,24 +115,18 @@ class CompletionService:
         else:
             s = req.segments
             crlf = "\r\n" in s.prefix or "\r\n" in (s.suffix or "")
-            if HAVE_LANGUAGES:
-                segs = self._segments(req)
-                lang = resolve_language(req.language, s.filepath)
-                prompt = build_prompt(segs, lang, self.tokenizer, self.template,
-                                      budget_tokens=self.config.prompt_budget_tokens)
-            else:
-                segs, lang = None, None
-                prompt = self._fallback_prompt(s.prefix, s.suffix or "")
+            segs = self._segments(req)
+            lang = resolve_language(req.language, s.filepath)
+            prompt = build_prompt(segs, lang, self.tokenizer, self.template,
+                                  budget_tokens=self.config.prompt_budget_tokens)
             info = Prepared(prompt=prompt, segments=segs, lang=lang, raw=False, crlf=crlf, language=req.language)
         max_new = req.max_tokens or self.config.default_max_tokens
-        # leave room in the model's context
-        ctx = getattr(getattr(self.engine, "config", None), "max_position_embeddings", None)
-        if ctx:
-            max_new = max(0, min(max_new, ctx - len(prompt.ids)))
+        # leave room in the engine's context (its KV cache)
+        max_new = max(0, min(max_new, self.engine.max_seq_len - len(prompt.ids)))
         temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
         seed = req.seed if req.seed is not None else random.getrandbits(32)
-        stop_strings = tuple(dict.fromkeys(tuple(getattr(prompt, "stop_strings", ()) or ()) + tuple(self._stops(req))))
-        stop_ids = tuple(getattr(prompt, "stop_token_ids", ()) or ())
+        stop_strings = tuple(dict.fromkeys((*prompt.stop_strings, *self._stops(req))))
+        stop_ids = tuple(prompt.stop_token_ids)
         plan = []
         for i in range(req.n):
             params = GenerationParams(max_new_tokens=max_new, temperature=temperature, seed=seed + i,
@@ -180,24 +156,12 @@ class CompletionService:
             ids.extend([tid] if tid is not None else self.tokenizer.encode(part))
         return ids
 
-    def _fallback_prompt(self, prefix: str, suffix: str) -> _PlainPrompt:
-        pre, suf, mid = self.template
-        p, s = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
-        ids = [pre] + self.tokenizer.encode(p) + [suf] + self.tokenizer.encode(s) + [mid]
-        return _PlainPrompt(ids=ids, text=self.tokenizer.decode(ids, skip_special=False),
-                            stop_token_ids=(pre, suf, mid), stop_strings=("\n\n",))
-
     # ---- finishing ----
     def finish_text(self, raw_text: str, info: Prepared) -> tuple[str, list[str]]:
         if info.raw:
             return raw_text, []
-        if HAVE_LANGUAGES:
-            done = postprocess(raw_text, info.segments, info.lang, info.prompt)
-            return done.text, list(getattr(done, "decisions", []) or [])
-        text = raw_text.rstrip()
-        if info.crlf:
-            text = text.replace("\r\n", "\n").replace("\n", "\r\n")
-        return text, []
+        done = postprocess(raw_text, info.segments, info.lang, info.prompt)
+        return done.text, list(done.decisions)
 
     def early_stop(self, info: Prepared) -> "EarlyStop":
         return EarlyStop(info)
@@ -222,7 +186,7 @@ class EarlyStop:
 
     def __init__(self, info: Prepared):
         self.info = info
-        self.enabled = HAVE_LANGUAGES and not info.raw and info.segments is not None
+        self.enabled = not info.raw and info.segments is not None
         self.checked = -1
         self.last: str | None = None
         self.decisions: list[str] = []

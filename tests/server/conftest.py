@@ -2,11 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import socket
-import threading
-import time
 
-import httpx
 import pytest
 
 from srvutil import fixture_dir, serve_live

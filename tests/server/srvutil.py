@@ -6,19 +6,9 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = (ROOT / ".." / "shared" / "fixtures" / "exl2").resolve()
 
 
-def fixture_dir(name: str) -> Path:
-    p = FIXTURES / name
-    if not p.is_dir():
-        pytest.fail(f"fixture {p} is missing: the tests expect ../shared beside the repository")
-    return p
+from tests.conftest import ROOT, fixture_dir  # noqa: F401 (re-exported for the server tests)
 
 
 def free_port() -> int:

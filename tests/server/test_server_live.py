@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import httpx
@@ -86,7 +85,6 @@ def test_nonstream_disconnect_cancels(live, engine):
 
 def test_newer_request_supersedes_running_one(live):
     url, app = live(max_tokens=1000)
-    results = {}
     with httpx.Client(timeout=30) as c, c.stream("POST", f"{url}/v1/completions",
                                                   json={**LONG, "stream": True, "user": "alice"}) as r:
         lines = r.iter_lines()
