@@ -23,7 +23,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from . import openapi
 from .auth import TokenAuth
@@ -401,11 +403,12 @@ async def openapi_json(request: Request) -> Response:
     return JSONResponse(openapi.document(VERSION))
 
 
+# Swagger UI's assets come from the swagger-ui-bundle package: the page works offline.
 SWAGGER_HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>kodkod API</title>
-<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="stylesheet" href="/swagger-ui/static/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
-<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="/swagger-ui/static/swagger-ui-bundle.js"></script>
 <script>window.onload = () => { window.ui = SwaggerUIBundle({url: "/api-docs/openapi.json", dom_id: "#swagger-ui"}); };</script>
 <noscript>The API description is at <a href="/api-docs/openapi.json">/api-docs/openapi.json</a>.</noscript>
 </body></html>"""
@@ -467,6 +470,7 @@ ROUTES = [
     Route("/metrics", metrics, methods=["GET"]),
     Route("/api-docs/openapi.json", openapi_json, methods=["GET"]),
     Route("/swagger-ui", swagger_ui, methods=["GET"]),
+    Mount("/swagger-ui/static", StaticFiles(directory=str(swagger_ui_path)), name="swagger-static"),
 ]
 ROUTE_PATHS = {r.path for r in ROUTES}
 

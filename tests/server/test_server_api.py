@@ -136,7 +136,10 @@ def test_health_server_setting_docs(client):
     doc = client.get("/api-docs/openapi.json").json()
     assert {"/v1/completions", "/v1/events", "/v1/health", "/healthz"} <= set(doc["paths"])
     assert "CompletionRequest" in doc["components"]["schemas"]
-    assert "swagger-ui" in client.get("/swagger-ui").text
+    page = client.get("/swagger-ui").text
+    assert "swagger-ui" in page and "https://" not in page  # works offline: assets are served here
+    js = client.get("/swagger-ui/static/swagger-ui-bundle.js")
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
 
 
 def test_no_model_501(make_app):
