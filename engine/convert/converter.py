@@ -99,6 +99,7 @@ def convert(
     progress: bool = True,
     log: Callable[[str], None] = print,
     keep_work: bool = False,
+    allocation: dict[str, str] | None = None,
 ) -> Path:
     from tqdm import tqdm
 
@@ -124,6 +125,8 @@ def convert(
     settings = {"version": VERSION, "bits": bits, "head_bits": head_bits, "fast": fast,
                 "calibration": str(calibration) if calibration else None,
                 "rows": rows, "length": length, "measure_rows": measure_rows,
+                "allocation": hashlib.sha256(json.dumps(allocation, sort_keys=True).encode()).hexdigest()
+                if allocation else None,
                 "source": str(in_dir.resolve())}
     work = out / WORK
     state_path = work / "state.json"
@@ -160,7 +163,15 @@ def convert(
     def embed(ids_rows):
         return [model.embed_tokens[torch.tensor(r, device=dev)].float() for r in ids_rows]
 
-    # ---- pass 1: measurement and allocation
+    # ---- pass 1: measurement and allocation (or a given allocation: {layer key: Mix name})
+    if "allocation" not in state and allocation is not None:
+        names = {c.name(): i for i, c in enumerate(alloc.CANDIDATES)}
+        keys = [key for lins in block_linears for key, _ in lins]
+        if set(allocation) != set(keys) or any(v not in names for v in allocation.values()):
+            raise ConvertError("the given allocation does not fit this model")
+        state["allocation"] = dict(allocation)
+        state["allocation_index"] = {k: names[v] for k, v in allocation.items()}
+        save_state()
     if "allocation" not in state:
         measurements: list[alloc.Measurement] = []
         if fast:

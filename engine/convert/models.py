@@ -29,6 +29,9 @@ class KnownModel:
     size: int
     sha256: str | None
     convert: dict = field(default_factory=dict)
+    # bit allocation measured once by `kodkod convert` for these settings (engine/convert/allocations/),
+    # so that `kodkod download` skips the measurement pass
+    allocation: str | None = None
 
 
 def _parts(prefix: str, count: int, version: str) -> tuple[str, ...]:
@@ -46,6 +49,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         convert={"bits": 4.0, "head_bits": 6, "rows": 8, "length": 512},
+        allocation="qwen2.5-coder-0.5b-4.0bpw.json",
     ),
     "qwen2.5-coder-1.5b": KnownModel(
         name="qwen2.5-coder-1.5b",
@@ -154,7 +158,12 @@ def ensure_model(name: str | None = None, home: Path | None = None, progress: bo
     if not (hf_dir / ".complete").is_file():
         import_gguf(gguf_path, hf_dir, dtype="float32", progress=progress, log=log)
         (hf_dir / ".complete").touch()
-    convert(hf_dir, exl2_dir, fast=bool(fast), progress=progress, log=log, **settings)
+    given = None
+    if m.allocation and not fast and settings["bits"] == m.convert.get("bits"):
+        import json
+
+        given = json.loads((Path(__file__).parent / "allocations" / m.allocation).read_text())
+    convert(hf_dir, exl2_dir, fast=bool(fast), progress=progress, log=log, allocation=given, **settings)
     (exl2_dir / ".complete").write_text(f"{time.time() - t0:.0f} s\n")
     shutil.rmtree(hf_dir, ignore_errors=True)
     return exl2_dir

@@ -148,3 +148,25 @@ def test_resume_after_interruption(tiny_fp16, tmp_path, monkeypatch):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     shutil.rmtree(out / WORK)
+
+
+def test_given_allocation_skips_measurement(tiny_fp16, tmp_path, monkeypatch):
+    import engine.convert.converter as conv
+    from engine.convert import allocate
+
+    keys = [f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    given = {k: allocate.CANDIDATES[8].name() for k in keys}  # uniform 4-bit g32
+
+    def boom(*a, **k):
+        raise AssertionError("no measurement expected")
+
+    monkeypatch.setattr(conv.alloc, "measure", boom)
+    out = convert(tiny_fp16, tmp_path / "o", bits=4.0, rows=4, length=64, progress=False,
+                  log=lambda s: None, allocation=given)
+    summary = validate(out)
+    assert summary["bit_widths"] == [4, 6, 8]
+    with pytest.raises(conv.ConvertError, match="does not fit"):
+        convert(tiny_fp16, tmp_path / "p", bits=4.0, rows=4, length=64, progress=False,
+                log=lambda s: None, allocation={"x": "y"})
