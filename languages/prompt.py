@@ -14,6 +14,7 @@ from .context import file_signatures, render_block, request_blocks
 from .data import Language
 from .fim import FimTemplate, TokenizerLike
 from .segments import Segments
+from .syntax import capture_lines
 from .text import imbalance, indent_of, is_closers_only, leading_ws, to_lf
 
 
@@ -89,8 +90,21 @@ def _scope_headers(lines: list[str], start: int, language: Language) -> list[int
     return out
 
 
+# Imports sit at the top of a file; parsing only this many lines keeps the
+# query cheap (a 2,000-line parse costs several milliseconds).
+IMPORT_HEAD_LINES = 200
+
+
 def _import_groups(lines: list[str], stop: int, language: Language) -> list[list[int]]:
-    """Groups of line indices (an import and its continuation lines) before `stop`."""
+    """Groups of line indices (one import statement each, continuation lines included) before `stop`.
+
+    The language's `imports.scm` query finds them where a grammar is installed;
+    its `import_patterns` regexes do elsewhere.
+    """
+    head = min(stop, IMPORT_HEAD_LINES)
+    spans = capture_lines(language, "imports", "".join(lines[:head]))
+    if spans is not None:
+        return [list(range(a, b + 1)) for a, b in spans if b < head]
     rx = language.import_re
     if rx is None:
         return []

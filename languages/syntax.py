@@ -60,3 +60,16 @@ def captures(language: Language, name: str, text: str) -> list[tuple[str, str, i
         for n in nodes:
             out.append((cap, src[n.start_byte:n.end_byte].decode("utf-8", "replace"), n.start_point[0] - lead_lines))
     return sorted(out, key=lambda c: c[2])
+
+
+def capture_lines(language: Language, name: str, text: str) -> list[tuple[int, int]] | None:
+    """(first line, last line) of every node query `name` captures in `text`; None without a grammar."""
+    q = query(language, name)
+    parsed = parse(language, text) if q is not None else None
+    if parsed is None:
+        return None
+    tree, _ = parsed
+    lead = language.parse_lead.count("\n")
+    spans = {(n.start_point[0] - lead, n.end_point[0] - lead)
+             for nodes in ts.QueryCursor(q).captures(tree.root_node).values() for n in nodes}
+    return sorted(s for s in spans if s[0] >= 0)

@@ -70,6 +70,22 @@ def test_long_prefix_keeps_imports_headers_and_nearest_lines(tok):
     assert any(d.startswith("prefix:") for d in p.decisions)
 
 
+def test_imports_come_from_the_grammar_query(tok):
+    # A Rust `use` spanning lines with braces: the imports.scm query keeps the whole
+    # statement, where a line regex would keep only its first line.
+    from languages import resolve_language
+
+    body = "".join(f"    let v{i} = {i};\n" for i in range(300))
+    prefix = ("use std::{\n    fs,\n    io::{self, Read},\n};\nuse serde::Deserialize;\n\n"
+              "fn main() {\n" + body + "    ")
+    tpl = fim_template_for(tok)
+    p = build_prompt(Segments(prefix, "\n}\n"), resolve_language("rust"), tok, tpl, 300)
+    assert len(p.ids) <= 300
+    assert "use std::{\n    fs,\n    io::{self, Read},\n};\nuse serde::Deserialize;\n" in p.text
+    assert "fn main() {\n" in p.text and "let v0 = 0;" not in p.text
+    assert "2 imports" in " ".join(p.decisions)
+
+
 def test_cursor_line_longer_than_budget(tok):
     tpl = fim_template_for(tok)
     p = build_prompt(Segments("x = " + "a + " * 500, ""), _py(), tok, tpl, 50)
