@@ -104,8 +104,6 @@ def validate(path: str | Path) -> dict[str, Any]:
         if not torch.isfinite(sm).all() or (sm <= 0).any():
             raise exl2.EXL2FormatError(f"{key}: q_scale_max must be finite and > 0")
         codes = exl2.unpack(t["q_weight"], groups)  # checks packing units
-        for g_i, g in enumerate(groups):
-            pass
         if (codes < 0).any():
             raise exl2.EXL2FormatError(f"{key}: negative codes")
         widths |= {g.bits for g in groups}
