@@ -20,6 +20,7 @@ finished block); a rerun with the same settings continues from there.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -84,7 +85,7 @@ def _settings_hash(s: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def convert(
+def _convert(
     in_dir: str | Path,
     out_dir: str | Path,
     bits: float = 4.0,
@@ -114,7 +115,6 @@ def convert(
     if out.resolve() == in_dir.resolve():
         raise ConvertError("the output directory must differ from the input directory")
     t_start = time.time()
-    torch.set_flush_denormal(True)  # tiny weights times tiny errors: denormals are very slow on CPU
     eng = load_model(in_dir, device=device)
     if eng.quantized:
         raise ConvertError(f"{in_dir} is already quantized (EXL2); convert needs an fp16/bf16/fp32 model")
@@ -302,3 +302,15 @@ def convert(
         shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {out} ({bits} bpw, head {head_bits} bits) in {time.time() - t_start:.0f} s")
     return out
+
+
+@functools.wraps(_convert)
+def convert(*args, **kwargs) -> Path:
+    # Tiny weights times tiny errors make denormals, which are very slow on CPU. The
+    # setting is process-wide, so it is put back afterwards: other code (and hypothesis)
+    # relies on IEEE subnormals.
+    torch.set_flush_denormal(True)
+    try:
+        return _convert(*args, **kwargs)
+    finally:
+        torch.set_flush_denormal(False)
