@@ -115,7 +115,7 @@ def _convert(
     if out.resolve() == in_dir.resolve():
         raise ConvertError("the output directory must differ from the input directory")
     t_start = time.time()
-    eng = load_model(in_dir, device=device)
+    eng = load_model(in_dir, device=device, dtype=torch.float32)  # GPTQ needs fp32, on the GPU too
     if eng.quantized:
         raise ConvertError(f"{in_dir} is already quantized (EXL2); convert needs an fp16/bf16/fp32 model")
     model, cfg = eng.model, eng.config
