@@ -7,20 +7,27 @@ PIP    := $(PY) -m pip
 # never pulls a multi-GB CUDA build onto a machine that has no torch yet.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: all install test serve clean
+.PHONY: all install install-dev test serve clean
 
 all: install
 
+# The server needs only the project; the tests add the dev extras (transformers, ...).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
-test: install
+install-dev: $(VENV)/.installed-dev
+
+test: install-dev
 	$(PY) -m pytest -q
 
 serve: install
