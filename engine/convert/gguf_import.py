@@ -185,6 +185,8 @@ def import_gguf(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from .writer import split_shards
+
     path, out = Path(path), Path(out_dir)
     if not path.is_file():
         raise GGUFImportError(f"{path}: no such file")
@@ -201,26 +203,22 @@ def import_gguf(
     out.mkdir(parents=True, exist_ok=True)
 
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for t in tqdm(reader.tensors, desc="import-gguf", unit="tensor", disable=not progress):
-        name = hf_name(t.name)
-        if name is None:
-            continue
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-        if cfg["model_type"] == "llama":
-            if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
-                w = _unpermute(w, heads)
-            elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
-                w = _unpermute(w, kv)
-        tensor = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(tdtype)
-        nbytes = tensor.numel() * tensor.element_size()
-        if size and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
+
+    def hf_tensors():
+        for t in tqdm(reader.tensors, desc="import-gguf", unit="tensor", disable=not progress):
+            name = hf_name(t.name)
+            if name is None:
+                continue
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            w = np.asarray(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+            if cfg["model_type"] == "llama":
+                if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+                    w = _unpermute(w, heads)
+                elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+                    w = _unpermute(w, kv)
+            yield name, torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(tdtype)
+
+    shards = split_shards(hf_tensors(), shard_bytes)
 
     for old in out.glob("model*.safetensors"):
         old.unlink()

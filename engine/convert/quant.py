@@ -6,7 +6,6 @@ exactly the layout EXL2 stores. Packing is `engine.exl2`'s.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -15,6 +15,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
                    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 
 
+def split_shards(items, shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """(name, tensor) pairs, in order, cut into shards of at most `shard_bytes` (one tensor may exceed it)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in items:
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -29,16 +43,7 @@ def write_model_dir(out: Path, src: Path, config: dict[str, Any], tensors: dict[
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("output*.safetensors"):
         old.unlink()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        if size and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+    shards = split_shards(((name, tensors[name]) for name in sorted(tensors)), shard_bytes)
     paths = []
     for i, shard in enumerate(shards):
         p = out / f"output-{i + 1:05d}-of-{len(shards):05d}.safetensors"
