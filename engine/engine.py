@@ -170,8 +170,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     cfg = ModelConfig.from_dir(path)
     if progress is None:
         progress = sys.stderr.isatty()
-    model = build_transformer(path, cfg, dev, dtype, progress)
+    store = TensorStore(path)
+    model = build_transformer(store, cfg, dev, dtype, progress)
     tok = Tokenizer.from_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
     max_seq_len = min(max_seq_len, max(cfg.max_position_embeddings, 1))
-    quantized = TensorStore(path).is_quantized()
+    quantized = store.is_quantized()
     return Engine(path, cfg, model, tok, dev, dtype, max_seq_len, quantized)

@@ -83,10 +83,10 @@ def _norm(store: TensorStore, key: str, cfg: ModelConfig, device, dtype):
     return RMSNorm(w, cfg.norm_eps)
 
 
-def build_transformer(path: str | Path, cfg: ModelConfig, device, dtype, progress: bool = False) -> Transformer:
+def build_transformer(store: TensorStore, cfg: ModelConfig, device, dtype, progress: bool = False) -> Transformer:
     from tqdm import tqdm
 
-    store = TensorStore(path)
+    path = store.path
     fam, h, hd = cfg.family, cfg.hidden_size, cfg.head_dim
     act = ACTIVATIONS.get(cfg.hidden_act)
     if act is None:
