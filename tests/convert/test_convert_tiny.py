@@ -9,6 +9,7 @@ from safetensors import safe_open
 from engine import exl2, load_model
 from engine.convert.converter import WORK, convert
 from engine.convert.writer import validate
+from engine.loader import TensorStore
 
 ROWS, LENGTH = 6, 128  # small calibration: the tiny model is random anyway
 
@@ -24,11 +25,8 @@ def converted(tiny_fp16, tmp_path_factory):
 
 
 def _tensors(path):
-    t = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            t.update({k: h.get_tensor(k) for k in h.keys()})
-    return t
+    store = TensorStore(path)
+    return {k: store.get(k) for k in store.names()}
 
 
 @pytest.mark.parametrize("bits", [2.5, 4.0, 6.5])

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from engine.convert.gguf_import import GGUFImportError, hf_name, import_gguf
+from engine.loader import TensorStore
 
 
 def _permute(w, n_head):  # llama.cpp's convert_hf_to_gguf.py `permute`
@@ -14,11 +14,8 @@ def _permute(w, n_head):  # llama.cpp's convert_hf_to_gguf.py `permute`
 
 
 def _hf_tensors(path):
-    t = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            t.update({k: h.get_tensor(k) for k in h.keys()})
-    return t
+    store = TensorStore(path)
+    return {k: store.get(k) for k in store.names()}
 
 
 def _write_gguf(src, path, arch="llama", q8_key=None):
