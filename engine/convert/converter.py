@@ -32,10 +32,11 @@ from typing import Any, Callable
 import torch
 
 from . import allocate as alloc
-from .quant import QuantResult, gptq, make_groups, rtn
+from .quant import QuantResult, gptq, hessian, make_groups, rtn
+from .sensitivity import output_fisher
 from .writer import _atomic_save, write_model_dir
 
-VERSION = "kodkod-0.1"
+VERSION = "kodkod-0.2"
 WORK = ".kodkod-work"
 
 
@@ -79,6 +80,68 @@ class _Capture:
         for keys in by_ptr.values():
             yield keys, self.inputs[keys[0]]
         self.inputs = {}
+
+
+class _Stop(Exception):
+    pass
+
+
+def _input_of(module: torch.nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """The input `module` receives during `run()`; the forward stops right there."""
+    got = []
+
+    def hook(mod, args):
+        got.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"{type(module).__name__} was not called")
+    return got[0]
+
+
+def _quantize_block(block, named: dict[str, torch.nn.Module], states: list[torch.Tensor], pos: torch.Tensor,
+                    quantize: Callable[[list[str], torch.Tensor], None]) -> list[torch.Tensor]:
+    """GPTQ one block in execution order ("true sequential"): q/k/v, then o, then the MLP's
+    input projections, then its output projection. Each group's Hessian comes from inputs
+    computed with every linear before it already quantised, and each activation is computed
+    once. `quantize(keys, H)` must replace those linears' weights. Returns the block outputs."""
+    from engine.model import GatedMLP
+
+    key_of = {id(m): k for k, m in named.items()}
+    attn, mlp = block.self_attn, block.mlp
+    o_proj = attn.o_proj
+    last = mlp.down_proj if isinstance(mlp, GatedMLP) else mlp.c_proj
+
+    def keys_in(module, but):
+        return [key_of[id(m)] for m in module.modules() if id(m) in key_of and m is not but]
+
+    lengths = [x.shape[0] for x in states]
+    a = [block.input_layernorm(x) for x in states]
+    quantize(keys_in(attn, o_proj), hessian(a))
+    o_in = []
+    for ai in a:
+        p = pos[: ai.shape[0]]
+        cos, sin = block._rope(p)
+        o_in.append(_input_of(o_proj, lambda: attn(ai, cos, sin, p)))
+    del a
+    quantize([key_of[id(o_proj)]], hessian(o_in))
+    # Everything past attention works on all rows at once: bigger matrix products.
+    x = torch.cat([x + o_proj(oi) for x, oi in zip(states, o_in)])
+    del o_in
+    m = block.post_attention_layernorm(x)
+    quantize(keys_in(mlp, last), hessian([m]))
+    d_in = _input_of(last, lambda: mlp(m))
+    del m
+    quantize([key_of[id(last)]], hessian([d_in]))
+    x = x + last(d_in)
+    return list(x.split(lengths))
 
 
 def _settings_hash(s: dict[str, Any]) -> str:
@@ -180,6 +243,9 @@ def _convert(
                     measurements.append(alloc.measure(key, m.weight.float().cpu(), None, None, columns=256))
         else:
             mrows = calib[: measure_rows or max(4, len(calib) // 4)]
+            all_linears = [kl for lins in block_linears for kl in lins]
+            with tqdm(total=len(mrows), desc="sensitivity", unit="row", disable=not progress) as sbar:
+                fisher = output_fisher(model, mrows, all_linears, sbar)
             states = embed(mrows)
             sample_per_row = max(8, 2048 // len(mrows))
             g = torch.Generator().manual_seed(0)
@@ -198,7 +264,8 @@ def _convert(
                                 diag[key] = diag[key] + d if key in diag else d
                     states = nxt
                 for key, m in block_linears[i]:
-                    measurements.append(alloc.measure(key, m.weight.float().cpu(), torch.cat(xs[key]), diag[key]))
+                    measurements.append(alloc.measure(key, m.weight.float().cpu(), torch.cat(xs[key]), diag[key],
+                                                      fisher=fisher[key]))
             del states
         choice = alloc.allocate(measurements, bits)
         state["allocation"] = {k: alloc.CANDIDATES[c].name() for k, c in choice.items()}
@@ -227,28 +294,24 @@ def _convert(
             for key, m in lins:
                 results[key] = rtn(m.weight.float().cpu(), make_groups(alloc.CANDIDATES[choice[key]], m.weight.shape[1]))
         else:
-            hs: dict[str, torch.Tensor] = {}
-            with torch.inference_mode(), _Capture(lins) as cap:
-                for x in states:
-                    block(x, pos[: x.shape[0]])
-                    for keys, inp in cap.shared():
-                        xf = inp.float()
-                        h = xf.T @ xf
-                        for key in keys:
-                            hs[key] = hs[key] + h if key in hs else h
-            for key, m in lins:
-                groups = make_groups(alloc.CANDIDATES[choice[key]], m.weight.shape[1])
-                results[key] = gptq(m.weight.float(), groups, hs[key])
-            del hs
+            def quantize(keys, h):
+                for key in keys:
+                    m = named[key]
+                    r = gptq(m.weight.float(), make_groups(alloc.CANDIDATES[choice[key]], m.weight.shape[1]), h)
+                    m.weight.data = r.weight(m.weight.shape[0]).to(m.weight.dtype)
+                    results[key] = r
+
+            named = dict(lins)
+            with torch.inference_mode():
+                states = _quantize_block(block, named, states, pos, quantize)
         tensors: dict[str, torch.Tensor] = {}
         for key, m in lins:
             r = results[key]
-            m.weight.data = r.weight(m.weight.shape[0]).to(m.weight.dtype)
+            if fast:
+                m.weight.data = r.weight(m.weight.shape[0]).to(m.weight.dtype)
             for s, t in r.tensors().items():
                 tensors[f"{key}.{s}"] = t
         if not fast:
-            with torch.inference_mode():
-                states = [block(x, pos[: x.shape[0]]) for x in states]
             torch.save(states, states_path.with_suffix(".tmp"))
             os.replace(states_path.with_suffix(".tmp"), states_path)
         _atomic_save(tensors, work / f"block-{i:04d}.safetensors")
@@ -265,10 +328,7 @@ def _convert(
             r = rtn(w, groups)
         else:
             with torch.inference_mode():
-                h = None
-                for x in states:
-                    xf = model.norm(x).float()
-                    h = xf.T @ xf if h is None else h + xf.T @ xf
+                h = hessian([model.norm(x) for x in states])
             r = gptq(w, groups, h)
         _atomic_save({f"lm_head.{s}": t for s, t in r.tensors().items()}, head_file)
     bar.update(1)
