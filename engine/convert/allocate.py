@@ -1,12 +1,15 @@
 """Bit allocation: candidate bit mixes per layer, their measured error, and the choice.
 
 Each linear layer gets one `Mix` out of `CANDIDATES`. For every layer and
-candidate the converter measures the relative output error
-||X (W_q - W)^T||^2 / ||X W^T||^2 on calibration activations X (a sample of
-tokens and output columns, RTN with act-order and the scale search as a proxy
-for the final GPTQ error). The choice then minimises the summed error subject to
-the total storage bits <= target bpw * weights (a Lagrangian search over the
-price of a bit, then a greedy pass spending what is left where it helps most).
+candidate the converter measures the output error the candidate causes on
+calibration activations X (a sample of tokens and output columns, RTN with
+act-order and the scale search as a proxy for the final GPTQ error): weighted by
+each output channel's Fisher information (sensitivity.py), sum_j f_j ||X dW_j||^2,
+which estimates the loss the error costs and so is comparable between layers;
+without Fisher weights, the relative error ||X dW^T||^2 / ||X W^T||^2. The choice
+then minimises the summed error subject to the total storage bits <= target bpw *
+weights (a Lagrangian search over the price of a bit, then a greedy pass spending
+what is left where it helps most).
 """
 from __future__ import annotations
 
@@ -58,25 +61,35 @@ class Measurement:
 
 
 def measure(key: str, weight: torch.Tensor, x: torch.Tensor | None, h_diag: torch.Tensor | None,
-            candidates=CANDIDATES, columns: int = 64, seed: int = 0) -> Measurement:
-    """Relative output error of every candidate on a sample of output columns.
+            candidates=CANDIDATES, columns: int = 64, seed: int = 0,
+            fisher: torch.Tensor | None = None) -> Measurement:
+    """Output error of every candidate on a sample of output columns.
 
     x: [T, K] sample of the layer's calibration inputs (None: weight-space error, for --fast).
+    fisher: [out_features] per-channel Fisher information: the error becomes an estimate of
+    the loss per token (summed over all channels) instead of a relative error.
     """
     out_f, k = weight.shape
     n = -(-out_f // 32) * 32
     g = torch.Generator().manual_seed(seed)
     cols = torch.randperm(out_f, generator=g)[: min(columns, out_f)].sort().values
     w = weight[cols].float()
-    ref = (x @ w.T) if x is not None else w
-    denom = max(float((ref ** 2).sum()), 1e-30)
+    if fisher is not None and x is not None:
+        cw = fisher[cols].float() * (out_f / len(cols)) / x.shape[0]  # column weights; per token, all channels
+        denom = 1.0
+    else:
+        cw = None
+        ref = (x @ w.T) if x is not None else w
+        denom = max(float((ref ** 2).sum()), 1e-30)
     errs, bits = [], []
     for mix in candidates:
         groups = make_groups(mix, k)
         r = rtn(w, groups, h_diag)
         dw = r.weight(w.shape[0]) - w
-        e = (x @ dw.T) if x is not None else dw
-        errs.append(float((e ** 2).sum()) / denom)
+        e = ((x @ dw.T) if x is not None else dw) ** 2
+        if cw is not None:
+            e = e * cw
+        errs.append(float(e.sum()) / denom)
         bits.append(storage_bits(groups, n))
     return Measurement(key, k, n, errs, bits)
 
