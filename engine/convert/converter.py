@@ -175,6 +175,9 @@ def _convert(
     if not 2.0 <= bits <= 8.0:
         raise ConvertError(f"--bits must be between 2.0 and 8.0 (got {bits})")
     alloc.head_mix(head_bits)  # validates
+    if rows < 1 or length < 16 or (measure_rows is not None and measure_rows < 1):
+        raise ConvertError(f"need --rows >= 1, --length >= 16 and --measure-rows >= 1 "
+                           f"(got {rows}, {length}, {measure_rows})")
     if out.resolve() == in_dir.resolve():
         raise ConvertError("the output directory must differ from the input directory")
     t_start = time.time()

@@ -19,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="round-to-nearest with scale search, no calibration (quick start, lower quality)")
     parser.add_argument("--rows", type=int, default=64, help="calibration rows (default 64)")
     parser.add_argument("--length", type=int, default=512, help="tokens per calibration row (default 512)")
+    parser.add_argument("--measure-rows", type=int, metavar="N",
+                        help="calibration rows for measuring the bit allocation (default: a quarter of --rows, "
+                             "at least 4)")
+    parser.add_argument("--allocation", metavar="FILE",
+                        help="reuse the bit allocation of an earlier conversion (its kodkod-convert.json) "
+                             "instead of measuring one")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument("--shard-mb", type=int, default=8192, help="max output shard size in MB (default 8192)")
     parser.add_argument("--ppl", action="store_true",
@@ -28,15 +34,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _read_allocation(path: str) -> dict[str, str]:
+    """{layer: mix name} from a kodkod-convert.json (or a file holding just that map)."""
+    import json
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--allocation {path}: {exc}") from None
+    data = data.get("allocation", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"--allocation {path}: expected a kodkod-convert.json or a {{layer: mix}} map")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     from engine.convert.converter import ConvertError, convert
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        allocation = _read_allocation(args.allocation) if args.allocation else None
         out = convert(args.input, args.output, bits=args.bits, head_bits=args.head_bits,
                       calibration=args.calibration, fast=args.fast, rows=args.rows, length=args.length,
                       device=args.device, shard_mb=args.shard_mb, progress=not args.no_progress, log=log,
-                      keep_work=args.keep_work)
+                      keep_work=args.keep_work, measure_rows=args.measure_rows, allocation=allocation)
     except (ConvertError, ValueError, OSError) as exc:
         print(f"kodkod convert: {exc}", file=sys.stderr)
         return 1

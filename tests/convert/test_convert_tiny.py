@@ -168,3 +168,30 @@ def test_given_allocation_skips_measurement(tiny_fp16, tmp_path, monkeypatch):
     with pytest.raises(conv.ConvertError, match="does not fit"):
         convert(tiny_fp16, tmp_path / "p", bits=4.0, rows=4, length=64, progress=False,
                 log=lambda s: None, allocation={"x": "y"})
+
+
+def test_cli_reuses_an_earlier_allocation(tiny_fp16, tmp_path, monkeypatch, capsys):
+    import engine.convert.converter as conv
+    from server.cli import main
+
+    first = tmp_path / "first"
+    assert main(["convert", "-i", str(tiny_fp16), "-o", str(first), "--rows", "4", "--length", "64",
+                 "--measure-rows", "2", "--no-progress"]) == 0
+    summary = first / "kodkod-convert.json"
+
+    def boom(*a, **k):
+        raise AssertionError("no measurement expected")
+
+    monkeypatch.setattr(conv.alloc, "measure", boom)
+    second = tmp_path / "second"
+    assert main(["convert", "-i", str(tiny_fp16), "-o", str(second), "--rows", "4", "--length", "64",
+                 "--allocation", str(summary), "--no-progress"]) == 0
+    assert (json.loads((second / "kodkod-convert.json").read_text())["allocation"]
+            == json.loads(summary.read_text())["allocation"])
+    a, b = _tensors(first), _tensors(second)  # same allocation, same calibration: same model
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    capsys.readouterr()
+    assert main(["convert", "-i", str(tiny_fp16), "-o", str(tmp_path / "x"), "--allocation", str(bad)]) == 1
+    assert "--allocation" in capsys.readouterr().err
