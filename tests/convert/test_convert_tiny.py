@@ -195,3 +195,20 @@ def test_cli_reuses_an_earlier_allocation(tiny_fp16, tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert main(["convert", "-i", str(tiny_fp16), "-o", str(tmp_path / "x"), "--allocation", str(bad)]) == 1
     assert "--allocation" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_gpu_conversion_matches_cpu_quality(converted, tiny_fp16, tmp_path):
+    out = convert(tiny_fp16, tmp_path / "gpu", bits=4.0, rows=ROWS, length=LENGTH, device="cuda",
+                  progress=False, log=lambda s: None)
+    validate(out)
+    g = safe_open(str(tiny_fp16.parent / "llama-tiny-4.0bpw" / "golden.safetensors"), "pt")
+    ids = g.get_tensor("input_ids").tolist()
+    ref = load_model(tiny_fp16, device="cpu").logits(ids)
+    gpu = float((load_model(out, device="cpu").logits(ids) - ref).abs().max())
+    cpu = float((load_model(converted[4.0], device="cpu").logits(ids) - ref).abs().max())
+    assert gpu < 1.5 and gpu < 1.5 * cpu
+    # the same allocation on both (float noise may flip a rounding, not a bit width)
+    a = json.loads((out / "kodkod-convert.json").read_text())["allocation"]
+    b = json.loads((converted[4.0] / "kodkod-convert.json").read_text())["allocation"]
+    assert sum(a[k] != b[k] for k in a) <= len(a) // 10
