@@ -2,7 +2,7 @@
 
 Each linear layer gets one `Mix` out of `CANDIDATES`. For every layer and
 candidate the converter measures the output error the candidate causes on
-calibration activations X (a sample of tokens and output columns, RTN with
+calibration activations X (a sample of 2048 tokens and 256 output columns, RTN with
 act-order and the scale search as a proxy for the final GPTQ error): weighted by
 each output channel's Fisher information (sensitivity.py), sum_j f_j ||X dW_j||^2,
 which estimates the loss the error costs and so is comparable between layers;
@@ -61,7 +61,7 @@ class Measurement:
 
 
 def measure(key: str, weight: torch.Tensor, x: torch.Tensor | None, h_diag: torch.Tensor | None,
-            candidates=CANDIDATES, columns: int = 64, seed: int = 0,
+            candidates=CANDIDATES, columns: int = 256, seed: int = 0,
             fisher: torch.Tensor | None = None) -> Measurement:
     """Output error of every candidate on a sample of output columns.
 

@@ -243,7 +243,7 @@ def _convert(
         if fast:
             for i, lins in enumerate(tqdm(block_linears, desc="measure (weights)", unit="block", disable=not progress)):
                 for key, m in lins:
-                    measurements.append(alloc.measure(key, m.weight.float().cpu(), None, None, columns=256))
+                    measurements.append(alloc.measure(key, m.weight.float().cpu(), None, None))
         else:
             mrows = calib[: measure_rows or max(4, len(calib) // 4)]
             all_linears = [kl for lins in block_linears for kl in lins]

@@ -24,9 +24,10 @@ def tiny_fp16() -> Path:
     return p
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Small tensors: one thread is faster, and much faster on a busy machine."""
+    """Small tensors: one thread is faster, and much faster on a busy machine. Module scope (autouse first), so
+    that it is in force for module fixtures too (they are set up before function fixtures)."""
     import torch
 
     n = torch.get_num_threads()
