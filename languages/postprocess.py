@@ -2,12 +2,13 @@
 
 Rules, in order: stop strings; single line when the cursor is mid-line;
 degenerate repetition; syntax-aware cut (tree-sitter, indentation without a
-grammar); text repeating the suffix; merging with auto-closed brackets; the
+grammar); text repeating the suffix, also as a last `else` branch; merging with auto-closed brackets; the
 file's indentation style and line endings. Each rule that fires says so in
 `decisions`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .data import Language
@@ -167,6 +168,34 @@ def _drop_suffix_repeat(text: str, suffix: str, d: list[str]) -> str:
     return text
 
 
+_ELSE = re.compile(r"(\}\s*)?(else\b|elif\b|elsif\b)")
+
+
+def _drop_else_repeating_suffix(text: str, suffix: str, d: list[str]) -> str:
+    """A last `else:`/`} else {` branch whose body is what the suffix does next anyway: the
+    body would run twice, or be dead code after a return. The branch goes; `if` and `elif`
+    branches before it stay. (Other blocks, loops say, are left alone: dropping them would
+    change what the code does.)"""
+    s = [l.strip() for l in suffix.split("\n")[1:] if l.strip()]
+    lines = text.rstrip().split("\n")
+    end = len(lines) - 1 if lines[-1].strip() == "}" else len(lines)
+    for i in range(end - 2, 0, -1):
+        opener = lines[i].rstrip()
+        if not (_ELSE.match(opener.strip()) and opener.endswith((":", "{"))):
+            continue
+        body = lines[i + 1:end]
+        stripped = [l.strip() for l in body if l.strip()]
+        deeper = all(indent_of(l) > indent_of(opener) for l in body if l.strip())
+        if stripped and deeper and stripped == s[:len(stripped)]:
+            keep = lines[:i]
+            if opener.strip().startswith("}"):  # the closer of the branch before stays
+                keep.append(leading_ws(opener) + "}")
+            d.append(f"dropped the last else branch (lines {i + 1}-{len(lines)}): the suffix does the same next")
+            return "\n".join(keep)
+        break  # only the last branch counts
+    return text
+
+
 def _merge_closers(text: str, prefix: str, rest: str, d: list[str]) -> tuple[str, bool]:
     """Drop the closers the editor already inserted after the cursor, if the text repeats them."""
     r = rest.strip()
@@ -234,6 +263,7 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
         cut = _tree_cut(text, prefix, suffix, language, d) if language.grammar else None
         text = cut if cut is not None else _indent_cut(text, prefix, suffix, language, d)
         text = _drop_suffix_repeat(text, suffix, d)
+        text = _drop_else_repeating_suffix(text, suffix, d)
     merged = False
     if rest.strip() and is_closers_only(rest):
         text, merged = _merge_closers(text, prefix, rest, d)
