@@ -2,8 +2,8 @@
 
 Rules, in order: stop strings; single line when the cursor is mid-line;
 degenerate repetition; syntax-aware cut (tree-sitter, indentation without a
-grammar); text repeating the suffix, also as a last `else` branch; merging with auto-closed brackets; the
-file's indentation style and line endings. Each rule that fires says so in
+grammar); text repeating the suffix, also as a last `else` branch; merging with
+auto-closed brackets; the file's indentation style and line endings. Each rule that fires says so in
 `decisions`.
 """
 from __future__ import annotations

@@ -13,7 +13,9 @@ what is left where it helps most).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,6 +51,19 @@ def head_mix(head_bits: int) -> Mix:
     if head_bits == 8:
         return Mix(((1.0, 8),), 32)
     return Mix(((0.0001, 8), (0.9999, head_bits)), 32)
+
+
+def read_allocation(path: str | Path, label: str = "allocation") -> dict[str, str]:
+    """{layer: mix name} from a conversion's kodkod-convert.json, or a file holding just that map.
+    Errors are ValueErrors that start with `label` and the path."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{label} {path}: {exc}") from None
+    data = data.get("allocation", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ValueError(f"{label} {path}: expected a kodkod-convert.json or a {{layer: mix}} map")
+    return data
 
 
 @dataclass

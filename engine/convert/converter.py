@@ -293,25 +293,24 @@ def _convert(
         block = layers[i]
         lins = block_linears[i]
         results: dict[str, QuantResult] = {}
-        if fast:
-            for key, m in lins:
-                results[key] = rtn(m.weight.float().cpu(), make_groups(alloc.CANDIDATES[choice[key]], m.weight.shape[1]))
-        else:
-            def quantize(keys, h):
-                for key in keys:
-                    m = named[key]
-                    r = gptq(m.weight.float(), make_groups(alloc.CANDIDATES[choice[key]], m.weight.shape[1]), h)
-                    m.weight.data = r.weight(m.weight.shape[0]).to(m.weight.dtype)
-                    results[key] = r
+        named = dict(lins)
 
-            named = dict(lins)
+        def quantize(keys, h=None):
+            """GPTQ with Hessian h (RTN without one); the dequantised weight replaces the original."""
+            for key in keys:
+                m = named[key]
+                groups = make_groups(alloc.CANDIDATES[choice[key]], m.weight.shape[1])
+                r = rtn(m.weight.float(), groups) if h is None else gptq(m.weight.float(), groups, h)
+                m.weight.data = r.weight(m.weight.shape[0]).to(m.weight.dtype)
+                results[key] = r
+
+        if fast:
+            quantize(list(named))
+        else:
             with torch.inference_mode():
                 states = _quantize_block(block, named, states, pos, quantize)
         tensors: dict[str, torch.Tensor] = {}
-        for key, m in lins:
-            r = results[key]
-            if fast:
-                m.weight.data = r.weight(m.weight.shape[0]).to(m.weight.dtype)
+        for key, r in results.items():
             for s, t in r.tensors().items():
                 tensors[f"{key}.{s}"] = t
         if not fast:

@@ -160,9 +160,9 @@ def ensure_model(name: str | None = None, home: Path | None = None, progress: bo
         (hf_dir / ".complete").touch()
     given = None
     if m.allocation and not fast and settings["bits"] == m.convert.get("bits"):
-        import json
+        from .allocate import read_allocation
 
-        given = json.loads((Path(__file__).parent / "allocations" / m.allocation).read_text())
+        given = read_allocation(Path(__file__).parent / "allocations" / m.allocation)
     convert(hf_dir, exl2_dir, fast=bool(fast), progress=progress, log=log, allocation=given, **settings)
     (exl2_dir / ".complete").write_text(f"{time.time() - t0:.0f} s\n")
     shutil.rmtree(hf_dir, ignore_errors=True)

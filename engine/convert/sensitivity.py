@@ -28,19 +28,18 @@ def output_fisher(model, rows: Iterable[list[int]], linears: list[tuple[str, tor
             out.register_hook(on_grad)
         return on_output
 
+    def needs_grad(mod, args):
+        # The weights are frozen: a residual stream that needs a gradient makes autograd record the graph.
+        return (args[0].detach().requires_grad_(), *args[1:])
+
     handles = [m.register_forward_hook(hook(key)) for key, m in linears]
+    handles.append(model.layers[0].register_forward_pre_hook(needs_grad))
     tokens = 0
     try:
         for ids in rows:
             t = torch.tensor(ids, device=dev)
-            pos = torch.arange(len(ids), device=dev)
             with torch.enable_grad():
-                # The weights are frozen: a leaf that needs a gradient makes autograd record the graph.
-                x = model.embed_tokens[t].float().requires_grad_()
-                cos_sin = model.rope(pos)
-                for layer in model.layers:
-                    x = layer(x, pos, None, cos_sin)
-                logits = model.lm_head(model.norm(x)).float()
+                logits = model(t, torch.arange(len(ids), device=dev))
                 F.cross_entropy(logits[:-1], t[1:], reduction="sum").backward()
             tokens += len(ids)
             if progress is not None:

@@ -34,26 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _read_allocation(path: str) -> dict[str, str]:
-    """{layer: mix name} from a kodkod-convert.json (or a file holding just that map)."""
-    import json
-
-    try:
-        data = json.loads(open(path, encoding="utf-8").read())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--allocation {path}: {exc}") from None
-    data = data.get("allocation", data) if isinstance(data, dict) else data
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise ValueError(f"--allocation {path}: expected a kodkod-convert.json or a {{layer: mix}} map")
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
+    from engine.convert.allocate import read_allocation
     from engine.convert.converter import ConvertError, convert
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        allocation = _read_allocation(args.allocation) if args.allocation else None
+        allocation = read_allocation(args.allocation, "--allocation") if args.allocation else None
         out = convert(args.input, args.output, bits=args.bits, head_bits=args.head_bits,
                       calibration=args.calibration, fast=args.fast, rows=args.rows, length=args.length,
                       device=args.device, shard_mb=args.shard_mb, progress=not args.no_progress, log=log,
