@@ -9,12 +9,17 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .config import ModelConfig, ModelError
+from .decode import FastDecoder, TorchDecoder, fast_path_blocker, prepare_fast_path
 from .kv_cache import KVCache
+from .linear import EXL2Linear
 from .loader import TensorStore, build_transformer
 from .params import GenerationParams, TokenEvent
-from .sampling import sample
+from .sampling import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
+
+BACKENDS = ("auto", "cuda", "torch")
 
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -30,7 +35,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 class Engine:
     def __init__(self, path: Path, config: ModelConfig, model, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, max_seq_len: int, quantized: bool):
+                 dtype: torch.dtype, max_seq_len: int, quantized: bool, backend: str = "auto"):
         self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
         self.device, self.dtype, self.quantized = device, dtype, quantized
         self.max_seq_len = max_seq_len
@@ -38,6 +43,39 @@ class Engine:
         self.stop_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.decode_steps = 0
         self._lock = threading.Lock()
+        self.backend, self.backend_reason = self._choose_backend(backend)
+        ext = kernels.load() if self.backend == "cuda" else None
+        self.sampler = Sampler(config.vocab_size, device, ext)
+        if ext is not None:
+            prepare_fast_path(model, ext)
+            self.decoder = FastDecoder(model, self.cache, self.sampler, ext, max_seq_len)
+        else:
+            for m in model.modules():  # dequantize once now, not during the first request
+                if isinstance(m, EXL2Linear):
+                    m.weight  # noqa: B018
+            self.decoder = TorchDecoder(model, self.cache, self.sampler, use_graphs=device.type == "cuda")
+
+    def _choose_backend(self, asked: str) -> tuple[str, str | None]:
+        """("cuda" | "torch", why not cuda). "cuda" must work when asked for by name."""
+        if asked not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {asked!r}")
+        if asked == "torch":
+            return "torch", "the torch backend was asked for"
+        why = "the model is on the CPU" if self.device.type != "cuda" else fast_path_blocker(self.model, self.dtype)
+        if why is None and kernels.load() is None:
+            why = kernels.reason()
+        if why is not None and asked == "cuda":
+            raise RuntimeError(f"the CUDA backend cannot run: {why}")
+        return ("torch", why) if why else ("cuda", None)
+
+    def warm_up(self) -> None:
+        """Capture the decode graphs now (a few hundred ms) so that no request pays for it."""
+        for filtered in (False, True):
+            params = GenerationParams(max_new_tokens=2, temperature=0.5 if filtered else 0.0,
+                                      top_p=0.9 if filtered else 1.0, seed=0)
+            for _ in self.generate([0, 0], params):
+                pass
+        self.cache.ids = []
 
     def info(self) -> dict:
         q = self.config.quantization or {}
@@ -49,7 +87,10 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "quantization": ({"method": "exl2", "bits": q.get("bits"), "head_bits": q.get("head_bits")}
                              if self.quantized else None),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": sum(p.numel() for p in self.model.parameters())
+            + sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, EXL2Linear)),
+            "backend": self.backend,
+            "backend_note": self.backend_reason,
             "max_seq_len": self.max_seq_len,
         }
 
@@ -70,17 +111,6 @@ class Engine:
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
         return ids
 
-    @torch.inference_mode()
-    def _step(self, ids: list[int], start: int) -> torch.Tensor:
-        """Run `ids` at positions start.. through the model, caching their keys/values; last logits [vocab]."""
-        self.decode_steps += 1
-        t = torch.tensor(ids, device=self.device)
-        pos = torch.arange(start, start + len(ids), device=self.device)
-        del self.cache.ids[start:]
-        out = self.model(t, pos, self.cache, last_only=True)[0]
-        self.cache.ids.extend(ids)
-        return out
-
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
         """Yield TokenEvents lazily: each `next()` runs at most one forward pass."""
@@ -94,29 +124,30 @@ class Engine:
             raise RuntimeError("the engine is already generating; it serves one request at a time")
         try:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
-            gen = None if params.greedy else torch.Generator(device=self.device).manual_seed(seed)
+            self.sampler.start(params, prompt_ids, seed)
             stop_ids = self.stop_ids | frozenset(params.stop_token_ids)
-            history = torch.tensor(prompt_ids, device=self.device)
             decoder = StreamDecoder(self.tokenizer, prompt_ids)
             stops = StopStrings(params.stop_strings)
-            start = self.cache.reusable(prompt_ids)
-            pending = prompt_ids[start:]
             finish = "length"
-            for _ in range(params.max_new_tokens):
+            for i in range(params.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-                if start + len(pending) > self.max_seq_len:
-                    break
-                logits = self._step(pending, start)
-                token = sample(logits, history, params, gen)
+                if i == 0:
+                    start = self.cache.reusable(prompt_ids)
+                    del self.cache.ids[start:]
+                    self.decoder.prefill(prompt_ids[start:], start)
+                    self.cache.ids.extend(prompt_ids[start:])
+                else:
+                    if len(self.cache.ids) >= self.max_seq_len:
+                        break
+                    self.decoder.decode()
+                    self.cache.ids.append(token)
+                self.decode_steps += 1
+                token = int(self.sampler.token.item())
                 if token in stop_ids:
                     finish = "stop"
                     break
-                start += len(pending)
-                pending = [token]
-                if params.repetition_penalty != 1.0:
-                    history = torch.cat([history, history.new_tensor([token])])
                 text, stopped = stops.feed(decoder.push(token))
                 yield TokenEvent(token, text)
                 if stopped:
@@ -159,8 +190,11 @@ class StopStrings:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
-               max_seq_len: int = DEFAULT_MAX_SEQ_LEN, progress: bool | None = None) -> Engine:
-    """Load an EXL2 or plain HF model directory (a progress bar on a terminal, unless progress=False)."""
+               max_seq_len: int = DEFAULT_MAX_SEQ_LEN, progress: bool | None = None, backend: str = "auto") -> Engine:
+    """Load an EXL2 or plain HF model directory (a progress bar on a terminal, unless progress=False).
+
+    backend: "auto" runs the CUDA kernels where they can run (a GPU, fp16, the kernels built) and the
+    torch path elsewhere; "cuda" insists on the kernels; "torch" never uses them."""
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path}: not a directory")
@@ -175,4 +209,4 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     tok = Tokenizer.from_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
     max_seq_len = min(max_seq_len, max(cfg.max_position_embeddings, 1))
     quantized = store.is_quantized()
-    return Engine(path, cfg, model, tok, dev, dtype, max_seq_len, quantized)
+    return Engine(path, cfg, model, tok, dev, dtype, max_seq_len, quantized, backend)

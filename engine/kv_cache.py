@@ -17,6 +17,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
+        self.positions = torch.arange(max_len, device=device)
         self.ids: list[int] = []
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
@@ -27,6 +28,12 @@ class KVCache:
         self.k[layer, start:end] = k
         self.v[layer, start:end] = v
         return self.k[layer, :end], self.v[layer, :end]
+
+    def write_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v at device positions (no host read), return the whole layer's cache."""
+        self.k[layer].index_copy_(0, positions, k)
+        self.v[layer].index_copy_(0, positions, v)
+        return self.k[layer], self.v[layer]
 
     def reusable(self, ids: list[int]) -> int:
         """How many leading tokens of `ids` the cache already holds (always leaving one to run)."""

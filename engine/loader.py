@@ -9,8 +9,8 @@ from safetensors import safe_open
 
 from . import exl2
 from .config import ModelConfig, ModelError
-from .model import (ACTIVATIONS, Attention, Block, GatedMLP, LayerNorm, Linear, PlainMLP, RMSNorm,
-                    Transformer)
+from .linear import EXL2Linear, Linear
+from .model import ACTIVATIONS, Attention, Block, GatedMLP, LayerNorm, PlainMLP, RMSNorm, Transformer
 from .rope import Rope
 
 
@@ -57,22 +57,20 @@ class TensorStore:
 
 
 def load_linear(store: TensorStore, key: str, out_features: int, in_features: int, bias: bool,
-                device, dtype) -> Linear:
-    """A linear layer, quantized (EXL2) or dense, checked against the shape the config implies."""
+                device, dtype) -> Linear | EXL2Linear:
+    """A linear layer, quantized (EXL2, kept packed) or dense, checked against the shape the config implies."""
+    b = None
+    if bias or f"{key}.bias" in store:
+        b = store.get(f"{key}.bias").to(device, dtype)[:out_features]
     if f"{key}.q_weight" in store:
         q = {s: store.get(f"{key}.{s}").to(device) for s in exl2.SUFFIXES}
         try:
-            w = exl2.dequantize(q, out_features)
+            return EXL2Linear(q, out_features, in_features, b, dtype)
         except exl2.EXL2FormatError as exc:
             raise ModelError(f"{key}: {exc}") from None
-    else:
-        w = store.get(f"{key}.weight").to(device)
+    w = store.get(f"{key}.weight").to(device)
     if tuple(w.shape) != (out_features, in_features):
         raise ModelError(f"{key}: weight shape {tuple(w.shape)}, config implies {(out_features, in_features)}")
-    b = None
-    if bias or f"{key}.bias" in store:
-        b = store.get(f"{key}.bias").to(device, dtype)
-        b = b[:out_features]
     return Linear(w.to(dtype), b)
 
 

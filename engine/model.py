@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .linear import EXL2Linear, Linear  # noqa: F401  (re-exported: the converter's dense layers)
 from .rope import Rope, apply_rope
 
 ACTIVATIONS = {
@@ -20,18 +21,6 @@ ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-
-
-class Linear(nn.Module):
-    """y = x W^T + b, with W dense [out, in] (EXL2 weights are dequantized at load)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +54,11 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.sliding_window
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, positions, cache: KVCache | None = None, layer: int = 0,
+                start: int | None = None):
+        """With a cache: `start` (a host int) writes positions start.. and attends to what is cached;
+        start=None is the static decode step: positions live on the device, the cache is written
+        at them and the whole cache is attended to under a mask (no host reads, graph-safe)."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.heads, self.head_dim)
         k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
@@ -73,12 +66,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            start = int(positions[0])
+        if cache is None:
+            key_pos = positions
+        elif start is not None:
             k, v = cache.write(layer, start, k, v)  # all keys/values up to the last new position
             key_pos = torch.arange(k.shape[0], device=x.device)
         else:
-            key_pos = positions
+            k, v = cache.write_at(layer, positions, k, v)
+            key_pos = cache.positions
         # Causal (and sliding-window) mask: query at p sees keys at p - window < kp <= p.
         mask = key_pos.unsqueeze(0) <= positions.unsqueeze(1)
         if self.window:
@@ -116,9 +111,9 @@ class Block(nn.Module):
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
         self._rope = rope  # shared, not a submodule
 
-    def forward(self, x, positions, cache: KVCache | None = None, cos_sin=None):
+    def forward(self, x, positions, cache: KVCache | None = None, cos_sin=None, start: int | None = None):
         cos, sin = cos_sin if cos_sin is not None else self._rope(positions)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, self.index)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, self.index, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,12 +128,16 @@ class Transformer(nn.Module):
         self.rope = rope
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """ids, positions [T] -> logits [T or 1, vocab] in fp32."""
+                last_only: bool = False, start: int | None = None) -> torch.Tensor:
+        """ids, positions [T] -> logits [T or 1, vocab] in fp32.
+
+        With a cache, `start` is the first position as a host int; without it
+        the step is static (see Attention.forward) and the rope table must
+        already cover every position (Rope.ensure)."""
         x = self.embed_tokens[ids]
-        cos_sin = self.rope(positions)
+        cos_sin = self.rope.at(positions) if cache is not None and start is None else self.rope(positions)
         for layer in self.layers:
-            x = layer(x, positions, cache, cos_sin)
+            x = layer(x, positions, cache, cos_sin, start)
         if last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()

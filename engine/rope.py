@@ -116,6 +116,15 @@ class Rope:
         self._build(int(positions.max()) + 1)
         return self._cos[positions], self._sin[positions]
 
+    def ensure(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build the tables for positions < length now; (cos, sin) [table_len, rotary_dim]."""
+        self._build(length)
+        return self._cos, self._sin
+
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the tables already built (no host read: graph-safe)."""
+        return self._cos[positions], self._sin[positions]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, head_dim]; cos/sin [T, rotary_dim]. Rotate-half layout (HF's)."""

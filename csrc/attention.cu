@@ -1,0 +1,193 @@
+// Decode attention for one new token, with RoPE and the KV-cache write fused in.
+//
+// Grid: (query head, split of the sequence). Every block rotates its query
+// and the new key itself, so no block waits for another to write the cache:
+// the new position is taken from registers, not from the cache. One block per
+// KV head writes the new key and value. Each split leaves (max, sum, weighted
+// values) in scratch; the last split of a head to finish merges them in a
+// fixed order (deterministic), and resets the head's counter for the next launch.
+#include "kodkod.h"
+
+#include <algorithm>
+#include <cfloat>
+
+namespace kodkod {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxChunk = 256;  // positions per split, at most
+constexpr int kMaxDim = 256;
+
+__device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
+
+__device__ float block_reduce(float v, float* red, bool is_max) {
+  for (int o = 16; o; o >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, other) : v + other;
+  }
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+  __syncthreads();
+  float t = red[0];
+  for (int i = 1; i < (int)blockDim.x / 32; ++i) t = is_max ? fmaxf(t, red[i]) : t + red[i];
+  return t;
+}
+
+// Per-head RMSNorm (Qwen3's q_norm / k_norm), rounded as the fp16 torch path rounds.
+__device__ void head_norm(float* x, const half* w, int d, float eps, float* red) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) s += x[i] * x[i];
+  const float rstd = rsqrtf(block_reduce(s, red, false) / d + eps);
+  for (int i = threadIdx.x; i < d; i += blockDim.x) x[i] = round_half(round_half(x[i] * rstd) * __half2float(w[i]));
+  __syncthreads();
+}
+
+// Rotate-half RoPE on the first rot_dim dims; tables are cat([angles, angles]).
+__device__ void rope(float* x, const half* cos, const half* sin, int rot_dim) {
+  const int half_dim = rot_dim / 2;
+  for (int i = threadIdx.x; i < half_dim; i += blockDim.x) {
+    const float x1 = x[i], x2 = x[i + half_dim];
+    x[i] = round_half(x1 * __half2float(cos[i]) - x2 * __half2float(sin[i]));
+    x[i + half_dim] = round_half(x2 * __half2float(cos[i + half_dim]) + x1 * __half2float(sin[i + half_dim]));
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs a) {
+  __shared__ float q[kMaxDim], kn[kMaxDim], vn[kMaxDim];
+  __shared__ float p[kMaxChunk];
+  __shared__ float red[32];
+  __shared__ float part[kThreads];
+  __shared__ bool last;
+
+  const int h = blockIdx.x, split = blockIdx.y, d = a.d;
+  const int kvh = h / (a.heads / a.kv_heads);
+  const int pos = *a.pos;
+  const half* qsrc = a.qkv + (size_t)h * d;
+  const half* ksrc = a.qkv + (size_t)a.heads * d + (size_t)kvh * d;
+  const half* vsrc = ksrc + (size_t)a.kv_heads * d;
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    q[i] = __half2float(qsrc[i]);
+    kn[i] = __half2float(ksrc[i]);
+    vn[i] = __half2float(vsrc[i]);
+  }
+  __syncthreads();
+  if (a.q_norm) {
+    head_norm(q, a.q_norm, d, a.norm_eps, red);
+    head_norm(kn, a.k_norm, d, a.norm_eps, red);
+  }
+  const half* cos = a.cos + (size_t)pos * a.rot_dim;
+  const half* sin = a.sin + (size_t)pos * a.rot_dim;
+  rope(q, cos, sin, a.rot_dim);
+  rope(kn, cos, sin, a.rot_dim);
+  if (split == 0 && h % (a.heads / a.kv_heads) == 0) {
+    const size_t at = ((size_t)pos * a.kv_heads + kvh) * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      a.k_cache[at + i] = __float2half(kn[i]);
+      a.v_cache[at + i] = __float2half(vn[i]);
+    }
+  }
+
+  const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+  const int per = (pos - lo + 1 + a.splits - 1) / a.splits;
+  const int t0 = lo + split * per, t1 = min(pos + 1, t0 + per);
+  float* out_part = a.scratch + ((size_t)h * a.splits + split) * (d + 2);
+  if (t0 >= t1) {
+    if (threadIdx.x == 0) {
+      out_part[d] = -FLT_MAX;
+      out_part[d + 1] = 0.f;
+    }
+  } else {
+    for (int t = t0 + threadIdx.x; t < t1; t += blockDim.x) {
+      float dot = 0.f;
+      if (t == pos) {
+        for (int i = 0; i < d; ++i) dot = fmaf(q[i], kn[i], dot);
+      } else {
+        const uint4* kr = reinterpret_cast<const uint4*>(a.k_cache + ((size_t)t * a.kv_heads + kvh) * d);
+        for (int i = 0; i < d / 8; ++i) {
+          const uint4 raw = kr[i];
+          const half2* h2 = reinterpret_cast<const half2*>(&raw);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float2 f = __half22float2(h2[j]);
+            dot = fmaf(q[8 * i + 2 * j], f.x, dot);
+            dot = fmaf(q[8 * i + 2 * j + 1], f.y, dot);
+          }
+        }
+      }
+      p[t - t0] = dot * a.scale;
+    }
+    __syncthreads();
+    float mx = -FLT_MAX;
+    for (int t = threadIdx.x; t < t1 - t0; t += blockDim.x) mx = fmaxf(mx, p[t]);
+    mx = block_reduce(mx, red, true);
+    float sum = 0.f;
+    for (int t = threadIdx.x; t < t1 - t0; t += blockDim.x) {
+      const float e = __expf(p[t] - mx);
+      p[t] = e;
+      sum += e;
+    }
+    sum = block_reduce(sum, red, false);  // its barrier also publishes p
+    const int parts = kThreads / d > 0 ? kThreads / d : 1;
+    const int dim = threadIdx.x % d, which = threadIdx.x / d;
+    for (int base = 0; base < d; base += kThreads) {
+      float acc = 0.f;
+      const int dd = base + dim;
+      if (which < parts && dd < d) {
+        for (int t = t0 + which; t < t1; t += parts) {
+          const float v = t == pos ? vn[dd] : __half2float(a.v_cache[((size_t)t * a.kv_heads + kvh) * d + dd]);
+          acc = fmaf(p[t - t0], v, acc);
+        }
+      }
+      part[threadIdx.x] = acc;
+      __syncthreads();
+      if (threadIdx.x < min(d - base, kThreads)) {
+        float s = 0.f;
+        for (int w = 0; w < parts; ++w) s += part[w * d + threadIdx.x];
+        out_part[base + threadIdx.x] = s;
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      out_part[d] = mx;
+      out_part[d + 1] = sum;
+    }
+  }
+
+  // The last split of this head merges every split's partial result.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.counters + h, 1) == a.splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* parts_h = a.scratch + (size_t)h * a.splits * (d + 2);
+  float mx = -FLT_MAX;
+  for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, __ldcg(parts_h + s * (d + 2) + d));
+  float total = 0.f;
+  for (int s = 0; s < a.splits; ++s) {
+    const float* ps = parts_h + s * (d + 2);
+    total += __ldcg(ps + d + 1) * __expf(__ldcg(ps + d) - mx);
+  }
+  for (int i = threadIdx.x; i < d; i += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < a.splits; ++s) {
+      const float* ps = parts_h + s * (d + 2);
+      const float l = __ldcg(ps + d + 1);
+      if (l > 0.f) o += __ldcg(ps + i) * __expf(__ldcg(ps + d) - mx);
+    }
+    a.out[(size_t)h * d + i] = __float2half(o / total);
+  }
+  if (threadIdx.x == 0) a.counters[h] = 0;
+}
+
+}  // namespace
+
+int attention_splits(int max_len) { return std::max(1, (max_len + kMaxChunk - 1) / kMaxChunk); }
+
+void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
+  const dim3 grid(a.heads, a.splits);
+  attention_kernel<<<grid, kThreads, 0, stream>>>(a);
+}
+
+}  // namespace kodkod

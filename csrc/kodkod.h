@@ -1,0 +1,92 @@
+// Plain C++ view of the kernels: structs of raw pointers and the launchers.
+// bindings.cpp turns torch tensors into these; the .cu files never see torch,
+// which keeps them quick to compile and usable from any host code.
+#pragma once
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace kodkod {
+
+constexpr int kMaxMatrices = 3;  // q, k, v in one launch
+constexpr int kDenseBits = 16;   // a chunk-table "bit width" that marks dense fp16 rows
+
+// One weight matrix of a GEMV, stored W[k, n] (input rows, output columns):
+// EXL2-packed (q_weight rows in permuted order) or dense fp16 (bits 16, identity order).
+// The chunk table cuts the rows into units that decode on their own:
+// (first packed row, first value row k0, group or dense row count, bits).
+struct Matrix {
+  const uint32_t* q_weight;  // EXL2 [QR, n] words, dense [K, n] halfs read as words
+  const uint32_t* q_scale;   // [G, n/8] 4-bit scale codes (EXL2 only)
+  const half* q_scale_max;   // [G]
+  const int4* chunks;        // [n_chunks]
+  const int* perm;           // [K] x_perm[k] = x[perm[k]]; nullptr: identity
+  const half* bias;          // [n_out] or nullptr
+  int n;                     // row stride in columns (a multiple of 32)
+  int n_out;                 // columns that exist
+  int n_chunks;
+  int x_len;                 // rows of x the chunks read (K rounded up to whole chunks)
+};
+
+enum InputMode { kInHalf = 0, kInRmsNorm = 1, kInLayerNorm = 2 };
+enum OutputMode { kOutHalf = 0, kOutResidual = 1, kOutGated = 2, kOutAct = 3, kOutFloat = 4 };
+enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+
+struct GemvArgs {
+  Matrix mat[kMaxMatrices];
+  int n_mats;
+  int in_mode;          // InputMode
+  const void* x;        // half [k_in] (kInHalf) or float [k_in] (norms: the residual stream)
+  int k_in;
+  const half* norm_w;   // norm weight [k_in]
+  const half* norm_b;   // LayerNorm bias [k_in]
+  float eps;
+  int out_mode;         // OutputMode
+  int act;              // Activation, for kOutGated / kOutAct
+  void* out[kMaxMatrices];  // half [n_out] per matrix; float [n_out] for residual (+=) and float modes
+};
+
+void gemv(const GemvArgs& a, cudaStream_t stream);
+
+// Dequantize one EXL2 matrix to w_perm [x_len, n] fp16 (permuted row order), for prefill matmuls.
+void dequant(const Matrix& m, half* out, cudaStream_t stream);
+
+struct AttentionArgs {
+  const half* qkv;        // [heads*d + 2*kv_heads*d]: q, then k, then v of the new token
+  half* k_cache;          // this layer's [max_len, kv_heads, d]
+  half* v_cache;
+  const int* pos;         // device scalar: position of the new token
+  const half* cos;        // [table_len, rot_dim] (rotate-half tables, attention scaling folded in)
+  const half* sin;
+  const half* q_norm;     // per-head RMSNorm weights [d] (Qwen3) or nullptr
+  const half* k_norm;
+  float norm_eps;
+  half* out;              // [heads*d]
+  float* scratch;         // [heads, splits, d + 2] partial results
+  int* counters;          // [heads] zeroed once; each launch leaves them zero again
+  int heads, kv_heads, d, rot_dim, max_len, window, splits;
+  float scale;
+};
+
+void decode_attention(const AttentionArgs& a, cudaStream_t stream);
+int attention_splits(int max_len);
+
+struct SampleArgs {
+  const float* logits;       // [vocab]
+  int vocab;
+  const uint8_t* seen;       // [vocab] tokens of prompt + output (repetition penalty)
+  uint8_t* seen_out;         // the same mask, to mark the sampled token; nullptr: leave it
+  const float* params;       // device [temperature, penalty, threshold]; threshold: -inf keeps all
+  const int64_t* seed;       // device scalar
+  int* step;                 // device scalar: draws so far (noise index), incremented
+  int64_t* token;            // device scalar: the sampled token
+  int* pos;                  // device scalar incremented after the draw, or nullptr
+  float* partial;            // [blocks * 2] scratch
+  int* counter;              // one int, zeroed once
+};
+
+void sample(const SampleArgs& a, cudaStream_t stream);
+
+void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream);
+
+}  // namespace kodkod

@@ -1,0 +1,186 @@
+"""Prefill and the one-token decode step, on the torch path or on the CUDA kernels.
+
+Both decoders share one contract: `prefill(ids, start)` runs the prompt and
+draws the first token into `sampler.token`; `decode()` feeds that token at
+`pos`, writes its keys/values into the static cache, and draws the next one.
+Everything a decode step reads or writes lives in fixed device buffers (the
+token, the position, the cache, the sampler's state), so on a GPU the whole
+step is captured once as a CUDA graph and replayed per token; the host only
+reads the token id. Graphs are captured per sampler variant (plain draw, or
+with filters) on first use.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kernels
+from .kv_cache import KVCache
+from .linear import DequantScratch, EXL2Linear, Linear
+from .model import GatedMLP, LayerNorm, RMSNorm, Transformer
+from .sampling import Sampler
+
+
+class Decoder:
+    """The shared part: eager prefill through the model, graph capture of `_step`."""
+
+    pos_dtype = torch.int64
+
+    def __init__(self, model: Transformer, cache: KVCache, sampler: Sampler, use_graphs: bool):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.device = sampler.device
+        self.pos = torch.zeros(1, dtype=self.pos_dtype, device=self.device)
+        self.host_pos = 0
+        self.use_graphs = use_graphs
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], start: int) -> None:
+        t = torch.tensor(ids, device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        logits = self.model(t, positions, self.cache, last_only=True, start=start)[0]
+        self.pos.fill_(start + len(ids) - 1)  # the draw advances it to the next free position
+        self.host_pos = start + len(ids)
+        self.sampler(logits, self.pos)
+
+    @torch.inference_mode()
+    def decode(self) -> None:
+        if not self.use_graphs:
+            self._step()
+        else:
+            graph = self._graphs.get(self.sampler.filtered)
+            if graph is None:
+                graph = self._graphs[self.sampler.filtered] = self._capture()
+            graph.replay()
+        self.host_pos += 1
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Capture `_step` with the buffers as they are; warm-up runs write only scratch positions."""
+        saved_pos, saved_ids = self.pos.clone(), list(self.cache.ids)
+        saved_sampler = [t.clone() for t in (self.sampler.token, self.sampler.seen, self.sampler.step)]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.pos.fill_(self.host_pos)
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.pos.fill_(self.host_pos)
+        with torch.cuda.graph(graph):
+            self._step()
+        # The warm-up and capture wrote keys at host_pos (rewritten by the real step) and changed the
+        # sampler's state: put both back.
+        self.pos.copy_(saved_pos)
+        for t, s in zip((self.sampler.token, self.sampler.seen, self.sampler.step), saved_sampler):
+            t.copy_(s)
+        self.cache.ids = saved_ids
+        return graph
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+
+class TorchDecoder(Decoder):
+    """The model's own torch forward. On the CPU the step runs eagerly and attends to the cached
+    positions only; on a GPU it is the static step (device positions, whole cache under a mask)."""
+
+    def _step(self) -> None:
+        if self.use_graphs:
+            logits = self.model(self.sampler.token, self.pos, self.cache, last_only=True)[0]
+        else:
+            logits = self.model(self.sampler.token, self.pos, self.cache, last_only=True, start=self.host_pos)[0]
+        self.sampler(logits, self.pos)
+
+
+class FastDecoder(Decoder):
+    """The decode step on csrc/'s kernels: per layer a fused norm+QKV GEMV, attention with RoPE and
+    the cache write, O GEMV into the fp32 residual, a fused norm+gate/up GEMV, the down GEMV."""
+
+    pos_dtype = torch.int32
+
+    def __init__(self, model: Transformer, cache: KVCache, sampler: Sampler, ext, max_len: int):
+        super().__init__(model, cache, sampler, use_graphs=True)
+        self.ext = ext
+        cfg = model.config
+        dev, f16 = self.device, torch.float16
+        self.cos, self.sin = model.rope.ensure(max_len)
+        self.h = torch.zeros(cfg.hidden_size, device=dev)
+        d = cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.qkv = torch.zeros(self.q_size + 2 * self.kv_size, dtype=f16, device=dev)
+        self.qkv_parts = [self.qkv[:self.q_size], self.qkv[self.q_size:self.q_size + self.kv_size],
+                          self.qkv[self.q_size + self.kv_size:]]
+        self.attn = torch.zeros(self.q_size, dtype=f16, device=dev)
+        self.mlp = torch.zeros(cfg.intermediate_size, dtype=f16, device=dev)
+        self.logits = torch.zeros(cfg.vocab_size, device=dev)
+        self.splits = ext.attention_splits(cache.max_len)
+        self.scratch = torch.zeros(cfg.num_heads * self.splits * (d + 2), device=dev)
+        self.counters = torch.zeros(cfg.num_heads, dtype=torch.int32, device=dev)
+        self.act = kernels.ACTIVATION_IDS[cfg.hidden_act]
+        self.scale = 1.0 / math.sqrt(d)
+        self.window = cfg.sliding_window or 0
+
+    def _norm_args(self, norm):
+        if isinstance(norm, LayerNorm):
+            return kernels.IN_LAYER_NORM, norm.weight, norm.bias, norm.eps
+        return kernels.IN_RMS_NORM, norm.weight, None, norm.eps
+
+    def _step(self) -> None:
+        ext, m, cfg = self.ext, self.model, self.model.config
+        ext.embed(m.embed_tokens, self.sampler.token, self.h)
+        for i, block in enumerate(m.layers):
+            a = block.self_attn
+            mode, w, b, eps = self._norm_args(block.input_layernorm)
+            ext.gemv([a.q_proj.kernel_matrix, a.k_proj.kernel_matrix, a.v_proj.kernel_matrix], self.h, mode, w, b,
+                     eps, kernels.OUT_HALF, 0, self.qkv_parts)
+            ext.decode_attention(self.qkv, self.cache.k[i], self.cache.v[i], self.pos, self.cos, self.sin,
+                                 a.q_norm.weight if a.q_norm is not None else None,
+                                 a.k_norm.weight if a.k_norm is not None else None,
+                                 a.q_norm.eps if a.q_norm is not None else 0.0,
+                                 self.attn, self.scratch, self.counters, cfg.num_heads, cfg.num_kv_heads,
+                                 self.window, self.splits, self.scale)
+            ext.gemv([a.o_proj.kernel_matrix], self.attn, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0,
+                     [self.h])
+            mode, w, b, eps = self._norm_args(block.post_attention_layernorm)
+            mlp = block.mlp
+            if isinstance(mlp, GatedMLP):
+                ext.gemv([mlp.gate_proj.kernel_matrix, mlp.up_proj.kernel_matrix], self.h, mode, w, b, eps,
+                         kernels.OUT_GATED, self.act, [self.mlp])
+                down = mlp.down_proj
+            else:
+                ext.gemv([mlp.c_fc.kernel_matrix], self.h, mode, w, b, eps, kernels.OUT_ACT, self.act, [self.mlp])
+                down = mlp.c_proj
+            ext.gemv([down.kernel_matrix], self.mlp, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0,
+                     [self.h])
+        mode, w, b, eps = self._norm_args(m.norm)
+        ext.gemv([m.lm_head.kernel_matrix], self.h, mode, w, b, eps, kernels.OUT_FLOAT, 0, [self.logits])
+        self.sampler(self.logits, self.pos)
+
+
+def fast_path_blocker(model: Transformer, dtype: torch.dtype) -> str | None:
+    """Why this model cannot run on the kernels (None: it can)."""
+    cfg = model.config
+    if dtype != torch.float16:
+        return f"the kernels compute in float16, the model is loaded as {dtype}"
+    if cfg.hidden_act not in kernels.ACTIVATION_IDS:
+        return f"activation {cfg.hidden_act!r} has no kernel"
+    if cfg.head_dim % 8 or cfg.head_dim > 256:
+        return f"head_dim {cfg.head_dim} (kernels need a multiple of 8, at most 256)"
+    if cfg.num_heads % cfg.num_kv_heads:
+        return "query heads are not a multiple of key/value heads"
+    return None
+
+
+def prepare_fast_path(model: Transformer, ext) -> None:
+    """Hand every linear layer to the kernels (EXL2 stays packed; dense becomes W^T in place)."""
+    scratch = DequantScratch()
+    for module in model.modules():
+        if isinstance(module, EXL2Linear):
+            module.prepare_kernels(ext, scratch)
+        elif isinstance(module, Linear):
+            module.prepare_kernels(ext)
+    for norm in model.modules():
+        if isinstance(norm, (RMSNorm, LayerNorm)):
+            norm.weight.data = norm.weight.data.contiguous()

@@ -1,0 +1,182 @@
+"""Linear layers: dense, or EXL2 kept packed on the device.
+
+Both can hand the CUDA kernels a `Matrix` (csrc/kodkod.h): weights stored
+W[k, n] with a chunk table that cuts the rows into pieces that decode on
+their own. The torch forward of `EXL2Linear` (dequantize, then matmul) is the
+twin every kernel is tested against and the path of every device without the
+kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import exl2
+
+DENSE_BITS = 16  # the chunk table's bit width for dense fp16 rows (csrc: kDenseBits)
+DENSE_CHUNK_ROWS = 8
+
+
+class Linear(nn.Module):
+    """y = x W^T + b, with W dense [out, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel_matrix = None  # set by prepare_kernels
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def prepare_kernels(self, ext) -> None:
+        """Keep the weight once, as W^T [in, out padded to 32] fp16, shared by torch (a view) and the kernels."""
+        out_f, in_f = self.weight.shape
+        n = -(-out_f // 32) * 32
+        wt = torch.zeros(in_f, n, dtype=torch.float16, device=self.weight.device)
+        wt[:, :out_f] = self.weight.detach().t()
+        self.weight = nn.Parameter(wt[:, :out_f].t(), requires_grad=False)
+        rows = torch.arange(0, in_f, DENSE_CHUNK_ROWS, dtype=torch.int32)
+        chunks = torch.stack([rows, rows, (in_f - rows).clamp(max=DENSE_CHUNK_ROWS),
+                              torch.full_like(rows, DENSE_BITS)], 1).to(self.weight.device)
+        self.kernel_matrix = ext.make_matrix(wt, None, None, chunks, None, _half(self.bias), out_f, in_f)
+
+
+class EXL2Linear(nn.Module):
+    """An EXL2 layer in its packed form: q_weight [QR, N], perm [K], q_scale, q_scale_max, chunks.
+
+    `forward` is the torch twin: dequantize (cached on request) and matmul.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, cache_dense: bool = True):
+        super().__init__()
+        q_weight = tensors["q_weight"]
+        invperm = tensors["q_invperm"].to(torch.int64)
+        if invperm.numel() != in_features:
+            raise exl2.EXL2FormatError(f"q_invperm has {invperm.numel()} rows, config implies {in_features}")
+        n = q_weight.shape[1]
+        if n % 32 or n < out_features or n - out_features >= 32:
+            raise exl2.EXL2FormatError(f"q_weight has {n} columns for {out_features} outputs")
+        self.groups = exl2.parse_groups(tensors["q_groups"], q_weight.shape[0], in_features)
+        if tensors["q_scale"].shape != (len(self.groups), n // 8):
+            raise exl2.EXL2FormatError(f"q_scale shape {tuple(tensors['q_scale'].shape)} != {(len(self.groups), n // 8)}")
+        perm = torch.argsort(invperm)
+        if not torch.equal(torch.sort(perm).values, torch.arange(in_features, device=perm.device)):
+            raise exl2.EXL2FormatError("q_invperm is not a permutation")
+        chunks, self.x_len = chunk_table(self.groups)
+        self.register_buffer("q_weight", q_weight.contiguous())
+        self.register_buffer("q_scale", tensors["q_scale"].contiguous())
+        self.register_buffer("q_scale_max", tensors["q_scale_max"].to(torch.float16).contiguous())
+        self.register_buffer("q_invperm", invperm.to(torch.int32))
+        self.register_buffer("perm", perm.to(torch.int32))
+        self.register_buffer("chunks", chunks.to(q_weight.device))
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.out_features, self.in_features = out_features, in_features
+        self.dtype, self.cache_dense = dtype, cache_dense
+        self._dense: torch.Tensor | None = None
+        self.kernel_matrix = None
+        self._ext = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"q_weight": self.q_weight, "q_invperm": self.q_invperm, "q_scale": self.q_scale,
+                "q_scale_max": self.q_scale_max,
+                "q_groups": torch.tensor([v for g in self._group_starts() for v in g], dtype=torch.int16)}
+
+    def _group_starts(self):
+        start = 0
+        for g in self.groups:
+            yield g.bits, start
+            start += -(-g.rows * g.bits // 32)
+
+    def dequantized(self) -> torch.Tensor:
+        """The HF weight [out, in] in fp32 (the reference dequantization)."""
+        return exl2.dequantize(self.tensors(), self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight [out, in] in the layer's dtype (cached when cache_dense)."""
+        if self._dense is not None:
+            return self._dense
+        w = self.dequantized().to(self.dtype)
+        if self.cache_dense:
+            self._dense = w
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_matrix is None or not x.is_cuda:
+            return F.linear(x, self.weight, self.bias)
+        return self._kernel_forward(x)
+
+    def prepare_kernels(self, ext, scratch: "DequantScratch") -> None:
+        """Use the kernels: a one-token input runs the GEMV, longer ones dequantize into scratch + matmul."""
+        self._ext, self._scratch = ext, scratch
+        self._dense = None
+        self.cache_dense = False
+        self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
+                                             self.perm, _half(self.bias), self.out_features, self.x_len)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import IN_HALF, OUT_HALF
+
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(torch.float16)
+        if x2.shape[0] == 1:
+            out = torch.empty(self.out_features, dtype=torch.float16, device=x.device)
+            self._ext.gemv([self.kernel_matrix], x2[0].contiguous(), IN_HALF, None, None, 0.0, OUT_HALF, 0, [out])
+            return out.view(*lead, self.out_features).to(x.dtype)
+        w = self._scratch.get(self.x_len * self.q_weight.shape[1], x.device).view(self.x_len, -1)
+        self._ext.dequant(self.kernel_matrix, w)
+        y = x2[:, self.perm.long()] @ w[:k, :self.out_features]
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+
+class DequantScratch:
+    """One fp16 buffer for prefill's dequantized weights, shared by every layer, grown on demand."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+
+    def get(self, numel: int, device) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < numel:
+            self.buf = None
+            self.buf = torch.empty(numel, dtype=torch.float16, device=device)
+        return self.buf[:numel]
+
+
+def chunk_table(groups: list[exl2.Group]) -> tuple[torch.Tensor, int]:
+    """Rows of (first packed row, first value row, group, bits), one per decodable chunk; and x_len.
+
+    A chunk is the smallest run of words in which a bit width's stream repeats
+    (exl2._chunk): it decodes on its own. x_len counts the value rows the chunks
+    cover: K, or more when the last group ends inside a chunk.
+    """
+    parts = []
+    word = value = 0
+    for gi, g in enumerate(groups):
+        words, values = exl2._chunk(g.bits)
+        n_words = -(-g.rows * g.bits // 32)
+        if n_words % words:
+            raise exl2.EXL2FormatError(f"group {gi}: {n_words} packed rows do not fill whole {words}-word units")
+        c = torch.arange(n_words // words, dtype=torch.int32)
+        parts.append(torch.stack([word + c * words, value + c * values, torch.full_like(c, gi),
+                                  torch.full_like(c, g.bits)], 1))
+        word += n_words
+        x_end = value + len(c) * values
+        value += g.rows
+    return torch.cat(parts), x_end
+
+
+def _half(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float16).contiguous()
