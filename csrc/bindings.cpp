@@ -1,7 +1,7 @@
 // Python binding of the kernels: torch tensors in, raw pointers out, launched on
 // torch's current stream (so they can be captured into a CUDA graph).
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kodkod.h"
@@ -24,7 +24,7 @@ const T* opt_ptr(const c10::optional<torch::Tensor>& t, torch::ScalarType dtype,
   return reinterpret_cast<const T*>(t->data_ptr());
 }
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream(); }
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 void check_launch() {
   const cudaError_t err = cudaGetLastError();

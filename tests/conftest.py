@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = (ROOT / ".." / "shared" / "fixtures" / "exl2").resolve()
+# ../shared beside the repository; KODKOD_FIXTURES points elsewhere (the GPU machine gets a carried copy).
+FIXTURES = Path(os.environ.get("KODKOD_FIXTURES") or ROOT / ".." / "shared" / "fixtures" / "exl2").resolve()
 
 
 def fixture_dir(name: str) -> Path:

@@ -135,10 +135,10 @@ class QuantResult:
             starts.append(row)
             row += -(-g.rows * g.bits // 32)
         qg = torch.tensor([v for g, s in zip(self.groups, starts) for v in (g.bits, s)], dtype=torch.int16)
-        return {
-            "q_weight": exl2.pack(self.codes.cpu(), self.groups),
+        return {  # packed where the codes are (a GPU packs a large layer in milliseconds), stored on the CPU
+            "q_weight": exl2.pack(self.codes, self.groups).cpu(),
             "q_invperm": torch.argsort(self.perm.cpu()).to(torch.int32),
-            "q_scale": exl2.pack_scales(self.nibbles.cpu()),
+            "q_scale": exl2.pack_scales(self.nibbles).cpu(),
             "q_scale_max": self.scale_max.cpu().to(torch.float16),
             "q_groups": qg,
         }
