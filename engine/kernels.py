@@ -116,13 +116,15 @@ def _build(verbose: bool):
     build_dir = kernel_home() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    fresh = not any(build_dir.glob("*.so"))
-    if fresh:
-        print(f"kodkod: compiling CUDA kernels for sm {archs} (once, about a minute) into {build_dir}",
-              file=sys.stderr, flush=True)
+    name = f"kodkod_kernels_{key}"
+    built = build_dir / f"{name}.so"
+    if built.is_file():  # the key already covers sources, compiler and architectures: no ninja pass needed
+        return _import_so(name, built)
+    print(f"kodkod: compiling CUDA kernels for sm {archs} (once, about a minute) into {build_dir}",
+          file=sys.stderr, flush=True)
     t0 = time.monotonic()
     module = load_extension(
-        name=f"kodkod_kernels_{key}",
+        name=name,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O3", "-std=c++17"],
@@ -130,6 +132,18 @@ def _build(verbose: bool):
         build_directory=str(build_dir),
         verbose=verbose,
     )
-    if fresh:
-        print(f"kodkod: CUDA kernels ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"kodkod: CUDA kernels ready in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return module
+
+
+def _import_so(name: str, path: Path):
+    import importlib.machinery
+    import importlib.util
+
+    import torch  # noqa: F401  (the extension links against torch's libraries)
+
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
     return module
