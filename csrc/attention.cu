@@ -15,7 +15,7 @@ namespace kodkod {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kMaxChunk = 256;  // positions per split, at most
+constexpr int kMaxChunk = 128;  // positions per split, at most
 constexpr int kMaxDim = 256;
 
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   __shared__ float q[kMaxDim], kn[kMaxDim], vn[kMaxDim];
   __shared__ float p[kMaxChunk];
   __shared__ float red[32];
-  __shared__ float part[kThreads];
+  __shared__ float2 part[kThreads];
   __shared__ bool last;
 
   const int h = blockIdx.x, split = blockIdx.y, d = a.d;
@@ -128,25 +128,30 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       sum += e;
     }
     sum = block_reduce(sum, red, false);  // its barrier also publishes p
-    const int parts = kThreads / d > 0 ? kThreads / d : 1;
-    const int dim = threadIdx.x % d, which = threadIdx.x / d;
-    for (int base = 0; base < d; base += kThreads) {
-      float acc = 0.f;
-      const int dd = base + dim;
-      if (which < parts && dd < d) {
-        for (int t = t0 + which; t < t1; t += parts) {
-          const float v = t == pos ? vn[dd] : __half2float(a.v_cache[((size_t)t * a.kv_heads + kvh) * d + dd]);
-          acc = fmaf(p[t - t0], v, acc);
-        }
+    // Weighted values: a thread owns two dims (one half2 load per position) of one group of positions.
+    const int pairs = d / 2, groups = max(1, kThreads / pairs);
+    const int lane = threadIdx.x % pairs, group = threadIdx.x / pairs;
+    float2 acc = make_float2(0.f, 0.f);
+    if (group < groups) {
+      const half2* vc = reinterpret_cast<const half2*>(a.v_cache) + kvh * pairs + lane;
+#pragma unroll 4
+      for (int t = t0 + group; t < t1; t += groups) {
+        const float2 v = t == pos ? make_float2(vn[2 * lane], vn[2 * lane + 1])
+                                  : __half22float2(vc[(size_t)t * a.kv_heads * pairs]);
+        acc.x = fmaf(p[t - t0], v.x, acc.x);
+        acc.y = fmaf(p[t - t0], v.y, acc.y);
       }
-      part[threadIdx.x] = acc;
-      __syncthreads();
-      if (threadIdx.x < min(d - base, kThreads)) {
-        float s = 0.f;
-        for (int w = 0; w < parts; ++w) s += part[w * d + threadIdx.x];
-        out_part[base + threadIdx.x] = s;
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < pairs) {
+      float2 s = make_float2(0.f, 0.f);
+      for (int g = 0; g < groups; ++g) {
+        s.x += part[g * pairs + threadIdx.x].x;
+        s.y += part[g * pairs + threadIdx.x].y;
       }
-      __syncthreads();
+      out_part[2 * threadIdx.x] = s.x;
+      out_part[2 * threadIdx.x + 1] = s.y;
     }
     if (threadIdx.x == 0) {
       out_part[d] = mx;

@@ -68,7 +68,8 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
 
 void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mode,
           c10::optional<torch::Tensor> norm_w, c10::optional<torch::Tensor> norm_b, double eps, int64_t out_mode,
-          int64_t act, const std::vector<torch::Tensor>& outs) {
+          int64_t act, const std::vector<torch::Tensor>& outs, c10::optional<torch::Tensor> partials,
+          c10::optional<torch::Tensor> counters) {
   TORCH_CHECK(!mats.empty() && mats.size() <= kodkod::kMaxMatrices, "1 to 3 matrices per launch");
   TORCH_CHECK(out_mode != kodkod::kOutGated || mats.size() == 2, "a gated launch takes gate and up");
   const bool gated = out_mode == kodkod::kOutGated;
@@ -96,6 +97,14 @@ void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mod
   }
   for (size_t i = 0; i < mats.size(); ++i)
     TORCH_CHECK(mats[i].m.x_len >= a.k_in, "input longer than the matrix's rows");
+  if (partials.has_value() && counters.has_value()) {
+    check(*partials, torch::kFloat, "partials");
+    check(*counters, torch::kInt32, "counters");
+    a.partials = ptr<float>(*partials);
+    a.partials_size = static_cast<int>(std::min<int64_t>(partials->numel(), INT32_MAX));
+    a.counters = ptr<int>(*counters);
+    a.counters_size = static_cast<int>(std::min<int64_t>(counters->numel(), INT32_MAX));
+  }
   kodkod::gemv(a, stream());
   check_launch();
 }
@@ -202,7 +211,10 @@ void embed(torch::Tensor table, torch::Tensor token, torch::Tensor out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<MatrixHandle>(m, "Matrix");
   m.def("make_matrix", &make_matrix);
-  m.def("gemv", &gemv);
+  m.def("gemv", &gemv, pybind11::arg("mats"), pybind11::arg("x"), pybind11::arg("in_mode"),
+        pybind11::arg("norm_w"), pybind11::arg("norm_b"), pybind11::arg("eps"), pybind11::arg("out_mode"),
+        pybind11::arg("act"), pybind11::arg("outs"), pybind11::arg("partials") = pybind11::none(),
+        pybind11::arg("counters") = pybind11::none());
   m.def("dequant", &dequant);
   m.def("decode_attention", &decode_attention);
   m.def("attention_splits", &kodkod::attention_splits);

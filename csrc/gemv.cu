@@ -17,11 +17,10 @@ namespace kodkod {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileCols = 32;
-constexpr int kLaneCols = 4;
-constexpr int kLanes = kTileCols / kLaneCols;  // 8 threads cover a tile's row
-constexpr int kSlices = kThreads / kLanes;     // 32 row slices
-constexpr int kDenseRows = 8;                  // rows per dense chunk
+constexpr int kLaneCols = 4;   // columns per thread: one 16-byte load of packed words
+constexpr int kMaxWords = 5;   // words per chunk, at most (5-bit)
+constexpr int kDenseRows = 8;  // rows per dense chunk
+constexpr int kMaxSplits = 64;
 
 __host__ __device__ constexpr int chunk_words(int bits) { return bits == 3 || bits == 5 ? bits : (bits == 6 ? 3 : 1); }
 __host__ __device__ constexpr int chunk_values(int bits) { return chunk_words(bits) * 32 / bits; }
@@ -78,14 +77,33 @@ __device__ __forceinline__ void group_scales(const Matrix& m, int g, int col0, f
   }
 }
 
-template <int B>
-__device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0, const half* xs,
-                                           float (&acc)[kLaneCols]) {
-  constexpr int W = chunk_words(B), V = chunk_values(B);
-  uint4 raw[W];
-  const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
+// Value rows a chunk covers.
+__device__ __forceinline__ int chunk_rows(int4 meta) {
+  return meta.w == kDenseBits ? meta.z : chunk_words(meta.w) * 32 / meta.w;
+}
+
+// The weights of one chunk for this thread's 4 columns, issued early so the loads are in flight
+// while the block does other work (dense chunks: 8 rows of 8 bytes, packed into the same registers).
+__device__ __forceinline__ void load_chunk(const Matrix& m, int4 meta, int col0, uint4 (&raw)[kMaxWords]) {
+  if (meta.w == kDenseBits) {
+    const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
+    uint2* r2 = reinterpret_cast<uint2*>(raw);
 #pragma unroll
-  for (int j = 0; j < W; ++j) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
+    for (int i = 0; i < kDenseRows; ++i)
+      r2[i] = i < meta.z ? __ldg(reinterpret_cast<const uint2*>(base + (size_t)i * m.n)) : make_uint2(0, 0);
+    return;
+  }
+  const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
+  const int words = chunk_words(meta.w);
+#pragma unroll
+  for (int j = 0; j < kMaxWords; ++j)
+    if (j < words) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
+}
+
+template <int B>
+__device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
+                                           const half* xs, float (&acc)[kLaneCols]) {
+  constexpr int W = chunk_words(B), V = chunk_values(B);
   float scale[kLaneCols];
   group_scales(m, meta.z, col0, scale);
   float x[V];
@@ -110,20 +128,15 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0,
   }
 }
 
-// Dense fp16 rows: meta = (first row, first x row, rows in this chunk, 16).
-__device__ __forceinline__ void dense_chunk(const Matrix& m, int4 meta, int col0, const half* xs,
+__device__ __forceinline__ void dense_chunk(int4 meta, const uint4 (&raw)[kMaxWords], const half* xs,
                                             float (&acc)[kLaneCols]) {
-  const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
-  uint2 raw[kDenseRows];
-#pragma unroll
-  for (int i = 0; i < kDenseRows; ++i)
-    if (i < meta.z) raw[i] = __ldg(reinterpret_cast<const uint2*>(base + (size_t)i * m.n));
+  const uint2* r2 = reinterpret_cast<const uint2*>(raw);
 #pragma unroll
   for (int i = 0; i < kDenseRows; ++i) {
     if (i >= meta.z) break;
     const float x = __half2float(xs[meta.y + i]);
-    const float2 a = __half22float2(*reinterpret_cast<const half2*>(&raw[i].x));
-    const float2 b = __half22float2(*reinterpret_cast<const half2*>(&raw[i].y));
+    const float2 a = __half22float2(*reinterpret_cast<const half2*>(&r2[i].x));
+    const float2 b = __half22float2(*reinterpret_cast<const half2*>(&r2[i].y));
     acc[0] = fmaf(a.x, x, acc[0]);
     acc[1] = fmaf(a.y, x, acc[1]);
     acc[2] = fmaf(b.x, x, acc[2]);
@@ -131,40 +144,58 @@ __device__ __forceinline__ void dense_chunk(const Matrix& m, int4 meta, int col0
   }
 }
 
-__device__ void matrix_tile(const Matrix& m, int tile, const half* xs, float (&acc)[kLaneCols]) {
-  const int lane = threadIdx.x % kLanes, slice = threadIdx.x / kLanes;
-  const int col0 = tile * kTileCols + lane * kLaneCols;
-#pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
-  for (int i = slice; i < m.n_chunks; i += kSlices) {
-    const int4 meta = __ldg(m.chunks + i);
-    switch (meta.w) {
-      case 2: exl2_chunk<2>(m, meta, col0, xs, acc); break;
-      case 3: exl2_chunk<3>(m, meta, col0, xs, acc); break;
-      case 4: exl2_chunk<4>(m, meta, col0, xs, acc); break;
-      case 5: exl2_chunk<5>(m, meta, col0, xs, acc); break;
-      case 6: exl2_chunk<6>(m, meta, col0, xs, acc); break;
-      case 8: exl2_chunk<8>(m, meta, col0, xs, acc); break;
-      default: dense_chunk(m, meta, col0, xs, acc); break;
-    }
+__device__ __forceinline__ void compute_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
+                                              const half* xs, float (&acc)[kLaneCols]) {
+  switch (meta.w) {
+    case 2: exl2_chunk<2>(m, meta, col0, raw, xs, acc); break;
+    case 3: exl2_chunk<3>(m, meta, col0, raw, xs, acc); break;
+    case 4: exl2_chunk<4>(m, meta, col0, raw, xs, acc); break;
+    case 5: exl2_chunk<5>(m, meta, col0, raw, xs, acc); break;
+    case 6: exl2_chunk<6>(m, meta, col0, raw, xs, acc); break;
+    case 8: exl2_chunk<8>(m, meta, col0, raw, xs, acc); break;
+    default: dense_chunk(meta, raw, xs, acc); break;
   }
 }
 
-// Sum the 32 slices of each column; thread t < 32 gets column t of the tile.
-__device__ float reduce_slices(const float (&acc)[kLaneCols], float (*red)[kTileCols + 1]) {
-  const int lane = threadIdx.x % kLanes, slice = threadIdx.x / kLanes;
+// One thread's share of a tile: chunks first, first + stride, ... below end. The first chunk's
+// weights arrive preloaded; each iteration loads the next chunk before computing the current one.
+template <int SLICES>
+__device__ void run_chunks(const Matrix& m, int first, int end, int col0, int4 meta, uint4 (&raw)[kMaxWords],
+                           const half* xs, float (&acc)[kLaneCols]) {
 #pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) red[slice][lane * kLaneCols + c] = acc[c];
+  for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
+  for (int i = first; i < end; i += SLICES) {
+    int4 next_meta = meta;
+    uint4 next[kMaxWords];
+    if (i + SLICES < end) {
+      next_meta = __ldg(m.chunks + i + SLICES);
+      load_chunk(m, next_meta, col0, next);
+    }
+    compute_chunk(m, meta, col0, raw, xs, acc);
+    meta = next_meta;
+#pragma unroll
+    for (int j = 0; j < kMaxWords; ++j) raw[j] = next[j];
+  }
+}
+
+// Sum the slices of each column; thread t < TILE gets column t of the tile.
+template <int LANES>
+__device__ float reduce_slices(const float (&acc)[kLaneCols], float* red) {
+  constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
+  const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
+#pragma unroll
+  for (int c = 0; c < kLaneCols; ++c) red[slice * (TILE + 1) + lane * kLaneCols + c] = acc[c];
   __syncthreads();
   float s = 0.f;
-  if (threadIdx.x < kTileCols)
-    for (int i = 0; i < kSlices; ++i) s += red[i][threadIdx.x];
+  if (threadIdx.x < TILE)
+    for (int i = 0; i < SLICES; ++i) s += red[i * (TILE + 1) + threadIdx.x];
   __syncthreads();
   return s;
 }
 
-__device__ void gather_input(const GemvArgs& a, const Matrix& m, half* xs, float mean, float rstd) {
-  for (int k = threadIdx.x; k < m.x_len; k += blockDim.x) {
+__device__ void gather_input(const GemvArgs& a, const Matrix& m, int k_lo, int k_hi, half* xs, float mean,
+                             float rstd) {
+  for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
     float v = 0.f;
     if (k < a.k_in) {
       const int src = m.perm ? m.perm[k] : k;
@@ -182,18 +213,47 @@ __device__ void gather_input(const GemvArgs& a, const Matrix& m, half* xs, float
   }
 }
 
-__host__ __device__ int tiles(const Matrix& m) { return (m.n_out + kTileCols - 1) / kTileCols; }
+__host__ __device__ int tiles(const Matrix& m, int tile_cols) { return (m.n_out + tile_cols - 1) / tile_cols; }
 __host__ __device__ int x_stride(const Matrix& m) { return (m.x_len + 7) / 8 * 8; }
 
+// Chunk range [lo, hi) of split ks out of nks.
+__device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
+  return make_int2((int)((long long)m.n_chunks * ks / nks), (int)((long long)m.n_chunks * (ks + 1) / nks));
+}
+
+template <int LANES>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
+  constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
   extern __shared__ __align__(16) half xs[];
-  __shared__ float red[kSlices][kTileCols + 1];
+  __shared__ float red[SLICES * (TILE + 1)];
   __shared__ float stats[32];
+  __shared__ bool last;
 
   const bool gated = a.out_mode == kOutGated;
+  const int parts = gated ? 2 : 1;
   int tile = blockIdx.x, mi = 0;
   if (!gated)
-    while (mi + 1 < a.n_mats && tile >= tiles(a.mat[mi])) tile -= tiles(a.mat[mi++]);
+    while (mi + 1 < a.n_mats && tile >= tiles(a.mat[mi], TILE)) tile -= tiles(a.mat[mi++], TILE);
+  const int ks = blockIdx.y, nks = gridDim.y;
+  const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
+  const int col0 = tile * TILE + lane * kLaneCols;
+
+  // Issue the first weight loads of every matrix this block reads before anything else.
+  int2 range[2];
+  int4 meta[2];
+  uint4 raw[2][kMaxWords];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts) break;
+    const Matrix& m = a.mat[mi + j];
+    range[j] = split_range(m, ks, nks);
+    const int first = range[j].x + slice;
+    meta[j] = make_int4(0, 0, 0, 0);
+    if (first < range[j].y) {
+      meta[j] = __ldg(m.chunks + first);
+      load_chunk(m, meta[j], col0, raw[j]);
+    }
+  }
 
   float mean = 0.f, rstd = 1.f;
   if (a.in_mode != kInHalf) {
@@ -210,34 +270,62 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     }
     rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
   }
-  const int parts = gated ? 2 : 1;
-  half* xs1 = xs + x_stride(a.mat[mi]);
-  gather_input(a, a.mat[mi], xs, mean, rstd);
-  if (gated) gather_input(a, a.mat[1], xs1, mean, rstd);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts) break;
+    const Matrix& m = a.mat[mi + j];
+    if (range[j].x >= range[j].y) continue;
+    const int4 lo = __ldg(m.chunks + range[j].x), hi = __ldg(m.chunks + range[j].y - 1);
+    gather_input(a, m, lo.y, hi.y + chunk_rows(hi), xs + j * x_stride(a.mat[0]), mean, rstd);
+  }
   __syncthreads();
 
-  float acc[kLaneCols];
-  matrix_tile(a.mat[mi], tile, xs, acc);
-  const float y0 = reduce_slices(acc, red);
-  float y1 = 0.f;
-  if (parts == 2) {
-    matrix_tile(a.mat[1], tile, xs1, acc);
-    y1 = reduce_slices(acc, red);
+  float y[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts) break;
+    float acc[kLaneCols];
+    const Matrix& m = a.mat[mi + j];
+    run_chunks<SLICES>(m, range[j].x + slice, range[j].y, col0, meta[j], raw[j], xs + j * x_stride(a.mat[0]), acc);
+    y[j] = reduce_slices<LANES>(acc, red);
   }
-  if (threadIdx.x >= kTileCols) return;
+
+  if (nks > 1) {  // the last split of this tile adds every split's partial sums, in order
+    float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
+    if (threadIdx.x < TILE) {
+      part[ks * parts * TILE + threadIdx.x] = y[0];
+      if (gated) part[(ks * parts + 1) * TILE + threadIdx.x] = y[1];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1) == nks - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (threadIdx.x < TILE) {
+      y[0] = y[1] = 0.f;
+      for (int k = 0; k < nks; ++k) {
+        y[0] += __ldcg(part + k * parts * TILE + threadIdx.x);
+        if (gated) y[1] += __ldcg(part + (k * parts + 1) * TILE + threadIdx.x);
+      }
+    }
+    if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;
+  }
+
+  if (threadIdx.x >= TILE) return;
   const Matrix& m = a.mat[mi];
-  const int col = tile * kTileCols + threadIdx.x;
+  const int col = tile * TILE + threadIdx.x;
   if (col >= m.n_out) return;
   const float b0 = m.bias ? __half2float(m.bias[col]) : 0.f;
   switch (a.out_mode) {
-    case kOutHalf: static_cast<half*>(a.out[mi])[col] = __float2half(y0 + b0); break;
-    case kOutFloat: static_cast<float*>(a.out[mi])[col] = y0 + b0; break;
-    case kOutResidual: static_cast<float*>(a.out[mi])[col] += y0 + b0; break;
-    case kOutAct: static_cast<half*>(a.out[mi])[col] = __float2half(activate(round_half(y0 + b0), a.act)); break;
+    case kOutHalf: static_cast<half*>(a.out[mi])[col] = __float2half(y[0] + b0); break;
+    case kOutFloat: static_cast<float*>(a.out[mi])[col] = y[0] + b0; break;
+    case kOutResidual: static_cast<float*>(a.out[mi])[col] += y[0] + b0; break;
+    case kOutAct: static_cast<half*>(a.out[mi])[col] = __float2half(activate(round_half(y[0] + b0), a.act)); break;
     case kOutGated: {
       const float b1 = a.mat[1].bias ? __half2float(a.mat[1].bias[col]) : 0.f;
-      const float g = round_half(activate(round_half(y0 + b0), a.act));
-      static_cast<half*>(a.out[0])[col] = __float2half(g * round_half(y1 + b1));
+      const float g = round_half(activate(round_half(y[0] + b0), a.act));
+      static_cast<half*>(a.out[0])[col] = __float2half(g * round_half(y[1] + b1));
       break;
     }
   }
@@ -281,24 +369,52 @@ __global__ void dequant_kernel(const Matrix m, half* out) {
 
 }  // namespace
 
-void gemv(const GemvArgs& a, cudaStream_t stream) {
-  int blocks = 0;
+int sm_count() {
+  static int count = 0;
+  if (!count) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev);
+  }
+  return count;
+}
+
+template <int LANES>
+void launch(const GemvArgs& a, cudaStream_t stream) {
+  constexpr int TILE = LANES * kLaneCols;
+  const bool gated = a.out_mode == kOutGated;
+  const int parts = gated ? 2 : 1;
+  int blocks = 0, min_chunks = 1 << 30;
   size_t smem = 0;
-  if (a.out_mode == kOutGated) {
-    blocks = tiles(a.mat[0]);
-    smem = (x_stride(a.mat[0]) + x_stride(a.mat[1])) * sizeof(half);
-  } else {
-    for (int i = 0; i < a.n_mats; ++i) {
-      blocks += tiles(a.mat[i]);
-      smem = std::max(smem, x_stride(a.mat[i]) * sizeof(half));
-    }
+  for (int i = 0; i < a.n_mats; ++i) {
+    if (!gated || i == 0) blocks += tiles(a.mat[i], TILE);
+    min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
+  }
+  smem = gated ? (x_stride(a.mat[0]) + x_stride(a.mat[1])) * sizeof(half) : 0;
+  if (!gated)
+    for (int i = 0; i < a.n_mats; ++i) smem = std::max(smem, x_stride(a.mat[i]) * sizeof(half));
+  // Split K until the grid covers the GPU twice, keeping at least 16 chunks per split.
+  int splits = 1;
+  if (a.partials && a.counters && blocks <= a.counters_size) {
+    splits = std::min({(2 * sm_count() + blocks - 1) / blocks, std::max(1, min_chunks / 16), kMaxSplits});
+    while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
   static size_t smem_opt_in = 48 * 1024;
   if (smem > smem_opt_in) {
-    cudaFuncSetAttribute(gemv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaFuncSetAttribute(gemv_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaFuncSetAttribute(gemv_kernel<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     smem_opt_in = smem;
   }
-  gemv_kernel<<<blocks, kThreads, smem, stream>>>(a);
+  gemv_kernel<LANES><<<dim3(blocks, splits), kThreads, smem, stream>>>(a);
+}
+
+void gemv(const GemvArgs& a, cudaStream_t stream) {
+  // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
+  const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
+  if (wide)
+    launch<32>(a, stream);
+  else
+    launch<8>(a, stream);
 }
 
 void dequant(const Matrix& m, half* out, cudaStream_t stream) {

@@ -44,6 +44,12 @@ struct GemvArgs {
   int out_mode;         // OutputMode
   int act;              // Activation, for kOutGated / kOutAct
   void* out[kMaxMatrices];  // half [n_out] per matrix; float [n_out] for residual (+=) and float modes
+  // Split-K workspace: blocks that share a column tile leave partial sums here and the last one
+  // to finish adds them up in a fixed order. nullptr: no split (each block sums all rows).
+  float* partials;
+  int partials_size;
+  int* counters;  // zeroed once; every launch leaves them zero
+  int counters_size;
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);

@@ -118,6 +118,9 @@ class FastDecoder(Decoder):
         self.splits = ext.attention_splits(cache.max_len)
         self.scratch = torch.zeros(cfg.num_heads * self.splits * (d + 2), device=dev)
         self.counters = torch.zeros(cfg.num_heads, dtype=torch.int32, device=dev)
+        # split-K workspace of the GEMVs (csrc/gemv.cu): partial sums and per-tile counters
+        self.partials = torch.zeros(1 << 21, device=dev)
+        self.tile_counters = torch.zeros(1 << 16, dtype=torch.int32, device=dev)
         self.act = kernels.ACTIVATION_IDS[cfg.hidden_act]
         self.scale = 1.0 / math.sqrt(d)
         self.window = cfg.sliding_window or 0
@@ -127,35 +130,36 @@ class FastDecoder(Decoder):
             return kernels.IN_LAYER_NORM, norm.weight, norm.bias, norm.eps
         return kernels.IN_RMS_NORM, norm.weight, None, norm.eps
 
+    def _gemv(self, mats, x, mode, w, b, eps, out_mode, act, outs):
+        self.ext.gemv([lin.kernel_matrix for lin in mats], x, mode, w, b, eps, out_mode, act, outs,
+                      self.partials, self.tile_counters)
+
     def _step(self) -> None:
         ext, m, cfg = self.ext, self.model, self.model.config
+        gemv = self._gemv
         ext.embed(m.embed_tokens, self.sampler.token, self.h)
         for i, block in enumerate(m.layers):
             a = block.self_attn
             mode, w, b, eps = self._norm_args(block.input_layernorm)
-            ext.gemv([a.q_proj.kernel_matrix, a.k_proj.kernel_matrix, a.v_proj.kernel_matrix], self.h, mode, w, b,
-                     eps, kernels.OUT_HALF, 0, self.qkv_parts)
+            gemv([a.q_proj, a.k_proj, a.v_proj], self.h, mode, w, b, eps, kernels.OUT_HALF, 0, self.qkv_parts)
             ext.decode_attention(self.qkv, self.cache.k[i], self.cache.v[i], self.pos, self.cos, self.sin,
                                  a.q_norm.weight if a.q_norm is not None else None,
                                  a.k_norm.weight if a.k_norm is not None else None,
                                  a.q_norm.eps if a.q_norm is not None else 0.0,
                                  self.attn, self.scratch, self.counters, cfg.num_heads, cfg.num_kv_heads,
                                  self.window, self.splits, self.scale)
-            ext.gemv([a.o_proj.kernel_matrix], self.attn, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0,
-                     [self.h])
+            gemv([a.o_proj], self.attn, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h])
             mode, w, b, eps = self._norm_args(block.post_attention_layernorm)
             mlp = block.mlp
             if isinstance(mlp, GatedMLP):
-                ext.gemv([mlp.gate_proj.kernel_matrix, mlp.up_proj.kernel_matrix], self.h, mode, w, b, eps,
-                         kernels.OUT_GATED, self.act, [self.mlp])
+                gemv([mlp.gate_proj, mlp.up_proj], self.h, mode, w, b, eps, kernels.OUT_GATED, self.act, [self.mlp])
                 down = mlp.down_proj
             else:
-                ext.gemv([mlp.c_fc.kernel_matrix], self.h, mode, w, b, eps, kernels.OUT_ACT, self.act, [self.mlp])
+                gemv([mlp.c_fc], self.h, mode, w, b, eps, kernels.OUT_ACT, self.act, [self.mlp])
                 down = mlp.c_proj
-            ext.gemv([down.kernel_matrix], self.mlp, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0,
-                     [self.h])
+            gemv([down], self.mlp, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h])
         mode, w, b, eps = self._norm_args(m.norm)
-        ext.gemv([m.lm_head.kernel_matrix], self.h, mode, w, b, eps, kernels.OUT_FLOAT, 0, [self.logits])
+        gemv([m.lm_head], self.h, mode, w, b, eps, kernels.OUT_FLOAT, 0, [self.logits])
         self.sampler(self.logits, self.pos)
 
 

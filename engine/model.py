@@ -74,14 +74,21 @@ class Attention(nn.Module):
         else:
             k, v = cache.write_at(layer, positions, k, v)
             key_pos = cache.positions
-        # Causal (and sliding-window) mask: query at p sees keys at p - window < kp <= p.
-        mask = key_pos.unsqueeze(0) <= positions.unsqueeze(1)
-        if self.window:
-            mask &= key_pos.unsqueeze(0) > positions.unsqueeze(1) - self.window
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, enable_gqa=self.heads != self.kv_heads,
-        )
+        gqa = self.heads != self.kv_heads
+        if gqa and t > 1:  # repeated heads let SDPA pick its fused kernels (flash, memory-efficient)
+            k = k.repeat_interleave(self.heads // self.kv_heads, 1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, 1)
+            gqa = False
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        if not self.window and (cache is None or start == 0):
+            # keys are exactly the queries' positions: plain causal attention
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
+        else:
+            # Causal (and sliding-window) mask: query at p sees keys at p - window < kp <= p.
+            mask = key_pos.unsqueeze(0) <= positions.unsqueeze(1)
+            if self.window:
+                mask &= key_pos.unsqueeze(0) > positions.unsqueeze(1) - self.window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out.transpose(0, 1).reshape(t, self.heads * self.head_dim))
 
 

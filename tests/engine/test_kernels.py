@@ -30,6 +30,12 @@ def ext():
     return module
 
 
+@pytest.fixture(scope="module")
+def workspace():
+    """Split-K scratch as the fast decoder passes it (partials, counters)."""
+    return torch.zeros(1 << 20, device=DEV), torch.zeros(1 << 14, dtype=torch.int32, device=DEV)
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.double().flatten(), ref.double().flatten()
     assert not torch.isnan(a).any()
@@ -53,16 +59,20 @@ def reference(lin, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("mix, shape", [(m, s) for m in MIXES for s in SHAPES] + ODD_K)
-def test_exl2_gemv_matches_fp64_reference(ext, mix, shape):
+@pytest.mark.parametrize("split", [False, True])
+def test_exl2_gemv_matches_fp64_reference(ext, workspace, mix, shape, split):
     out_f, in_f = shape
+    ws = workspace if split else (None, None)
     lin = random_layer(ext, out_f, in_f, mix, seed=out_f * 7 + in_f)
     x = torch.randn(in_f, device=DEV).half()
     y32 = torch.full((out_f,), float("nan"), device=DEV)
-    ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y32])
+    ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y32], *ws)
     assert rel_err(y32, reference(lin, x)) <= 1e-5  # fp32 accumulation of exact products
     y16 = torch.full((out_f,), float("nan"), device=DEV, dtype=torch.float16)
-    ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_HALF, 0, [y16])
+    ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_HALF, 0, [y16], *ws)
     assert rel_err(y16, reference(lin, x)) <= 1e-3
+    if split:
+        assert workspace[1].sum().item() == 0  # every tile's counter back at zero
     assert torch.allclose(lin(x[None])[0].float(), y16.float(), rtol=1e-2, atol=1e-2)  # module forward = kernel
 
 
@@ -99,7 +109,9 @@ def rms_rounded(h, w, eps):
     return ((h * torch.rsqrt(h.pow(2).mean() + eps)).half() * w).half()
 
 
-def test_fused_norm_qkv_gated_and_residual_epilogues(ext):
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_norm_qkv_gated_and_residual_epilogues(ext, workspace, split):
+    ws = workspace if split else (None, None)
     k, inter = 256, 640
     q, kk, v = (random_layer(ext, n, k, MIXES[i], seed=10 + i) for i, n in enumerate((256, 64, 64)))
     gate, up = (random_layer(ext, inter, k, MIXES[6], seed=20 + i, bias=False) for i in range(2))
@@ -110,18 +122,18 @@ def test_fused_norm_qkv_gated_and_residual_epilogues(ext):
 
     outs = [torch.full((n,), float("nan"), device=DEV, dtype=torch.float16) for n in (256, 64, 64)]
     ext.gemv([q.kernel_matrix, kk.kernel_matrix, v.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6,
-             kernels.OUT_HALF, 0, outs)
+             kernels.OUT_HALF, 0, outs, *ws)
     for lin, y in zip((q, kk, v), outs):
         assert rel_err(y, reference(lin, x)) <= 2e-3
 
     act = torch.full((inter,), float("nan"), device=DEV, dtype=torch.float16)
     ext.gemv([gate.kernel_matrix, up.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_GATED,
-             kernels.ACTIVATION_IDS["silu"], [act])
+             kernels.ACTIVATION_IDS["silu"], [act], *ws)
     ref = torch.nn.functional.silu(reference(gate, x)) * reference(up, x)
     assert rel_err(act, ref) <= 3e-3
 
     h0 = h.clone()
-    ext.gemv([down.kernel_matrix], act, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [h])
+    ext.gemv([down.kernel_matrix], act, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [h], *ws)
     assert rel_err(h - h0, reference(down, act)) <= 1e-4
 
 
