@@ -16,7 +16,9 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kMaxChunk = 128;  // positions per split, at most
+constexpr int kMinChunk = 64;
 constexpr int kMaxDim = 256;
+constexpr int kMaxSplits = 1024;  // max_len up to 131072
 
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
 
@@ -89,7 +91,9 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   }
 
   const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-  const int per = (pos - lo + 1 + a.splits - 1) / a.splits;
+  // At least kMinChunk positions per split: fewer partial results to merge on short contexts.
+  const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
+  const int active = (pos - lo + 1 + per - 1) / per;
   const int t0 = lo + split * per, t1 = min(pos + 1, t0 + per);
   float* out_part = a.scratch + ((size_t)h * a.splits + split) * (d + 2);
   if (t0 >= t1) {
@@ -167,20 +171,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   if (!last) return;
   __threadfence();
   const float* parts_h = a.scratch + (size_t)h * a.splits * (d + 2);
-  float mx = -FLT_MAX;
-  for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, __ldcg(parts_h + s * (d + 2) + d));
+  __shared__ float weight[kMaxSplits];  // exp(m_s - max) of each split, then divided by the total
+  float m = -FLT_MAX;
+  for (int s = threadIdx.x; s < active; s += blockDim.x) m = fmaxf(m, __ldcg(parts_h + s * (d + 2) + d));
+  m = block_reduce(m, red, true);
   float total = 0.f;
-  for (int s = 0; s < a.splits; ++s) {
-    const float* ps = parts_h + s * (d + 2);
-    total += __ldcg(ps + d + 1) * __expf(__ldcg(ps + d) - mx);
+  for (int s = threadIdx.x; s < active; s += blockDim.x) {
+    const float w = __expf(__ldcg(parts_h + s * (d + 2) + d) - m);
+    weight[s] = w;
+    total += w * __ldcg(parts_h + s * (d + 2) + d + 1);
   }
+  total = block_reduce(total, red, false);  // its barrier also publishes weight[]
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float o = 0.f;
-    for (int s = 0; s < a.splits; ++s) {
-      const float* ps = parts_h + s * (d + 2);
-      const float l = __ldcg(ps + d + 1);
-      if (l > 0.f) o += __ldcg(ps + i) * __expf(__ldcg(ps + d) - mx);
-    }
+#pragma unroll 8
+    for (int s = 0; s < active; ++s) o = fmaf(__ldcg(parts_h + s * (d + 2) + i), weight[s], o);
     a.out[(size_t)h * d + i] = __float2half(o / total);
   }
   if (threadIdx.x == 0) a.counters[h] = 0;
@@ -188,7 +193,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
 
 }  // namespace
 
-int attention_splits(int max_len) { return std::max(1, (max_len + kMaxChunk - 1) / kMaxChunk); }
+int attention_splits(int max_len) { return std::max(1, (max_len + kMaxChunk - 1) / kMaxChunk); }  // <= kMaxSplits
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(a.heads, a.splits);

@@ -304,6 +304,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     __threadfence();
     if (threadIdx.x < TILE) {
       y[0] = y[1] = 0.f;
+#pragma unroll 8
       for (int k = 0; k < nks; ++k) {
         y[0] += __ldcg(part + k * parts * TILE + threadIdx.x);
         if (gated) y[1] += __ldcg(part + (k * parts + 1) * TILE + threadIdx.x);
@@ -393,10 +394,16 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
   smem = gated ? (x_stride(a.mat[0]) + x_stride(a.mat[1])) * sizeof(half) : 0;
   if (!gated)
     for (int i = 0; i < a.n_mats; ++i) smem = std::max(smem, x_stride(a.mat[i]) * sizeof(half));
-  // Split K until the grid covers the GPU twice, keeping at least 16 chunks per split.
+  // Split K while the grid still fits in one wave of resident blocks, keeping at least 16 chunks per split.
+  static int resident = 0;
+  if (!resident) {
+    int per_sm = 1;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<LANES>, kThreads, 48 * 1024);
+    resident = std::max(1, per_sm) * sm_count();
+  }
   int splits = 1;
   if (a.partials && a.counters && blocks <= a.counters_size) {
-    splits = std::min({(2 * sm_count() + blocks - 1) / blocks, std::max(1, min_chunks / 16), kMaxSplits});
+    splits = std::max(1, std::min({resident / blocks, min_chunks / 16, kMaxSplits}));
     while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
   static size_t smem_opt_in = 48 * 1024;
