@@ -83,13 +83,12 @@ def sdpa_check():
     """Which fused SDPA kernels accept a prefill's shapes (the math fallback is slow)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(14, 1536, 64, device="cuda", dtype=torch.float16)
-    k = torch.randn(1536, 14, 64, device="cuda", dtype=torch.float16).transpose(0, 1)
+    q = torch.randn(1, 14, 1536, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(1536, 14, 64, device="cuda", dtype=torch.float16).transpose(0, 1)[None]
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         try:
             with sdpa_kernel([backend]):
-                torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).transpose(0, 1), k, k,
-                                                                 is_causal=True)
+                torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True)
             print(backend, "ok")
         except Exception as exc:  # noqa: BLE001
             print(backend, "refused:", str(exc).splitlines()[0][:200])

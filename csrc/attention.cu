@@ -7,6 +7,7 @@
 // values) in scratch; the last split of a head to finish merges them in a
 // fixed order (deterministic), and resets the head's counter for the next launch.
 #include "kodkod.h"
+#include "launch.cuh"
 
 #include <algorithm>
 #include <cfloat>
@@ -64,7 +65,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
 
   const int h = blockIdx.x, split = blockIdx.y, d = a.d;
   const int kvh = h / (a.heads / a.kv_heads);
-  const int pos = *a.pos;
+  const int pos = *a.pos;  // written by the previous step's sampler, not by the kernel before this one
+  {  // this thread's cached key and value rows: into L2 while the QKV kernel may still run
+    const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+    const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
+    const int t = lo + split * per + threadIdx.x;
+    if (threadIdx.x < per && t < pos) {
+      const size_t at = ((size_t)t * a.kv_heads + kvh) * d;
+      for (int i = 0; i < d; i += 64) {
+        prefetch_l2(a.k_cache + at + i);
+        prefetch_l2(a.v_cache + at + i);
+      }
+    }
+  }
+  pdl_wait();
+  pdl_trigger();
   const half* qsrc = a.qkv + (size_t)h * d;
   const half* ksrc = a.qkv + (size_t)a.heads * d + (size_t)kvh * d;
   const half* vsrc = ksrc + (size_t)a.kv_heads * d;
@@ -197,7 +212,7 @@ int attention_splits(int max_len) { return std::max(1, (max_len + kMaxChunk - 1)
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(a.heads, a.splits);
-  attention_kernel<<<grid, kThreads, 0, stream>>>(a);
+  launch(attention_kernel, grid, dim3(kThreads), 0, stream, a);
 }
 
 }  // namespace kodkod

@@ -10,6 +10,7 @@
 // Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x),
 // or store fp32 (logits).
 #include "kodkod.h"
+#include "launch.cuh"
 
 #include <algorithm>
 
@@ -178,17 +179,25 @@ __device__ void run_chunks(const Matrix& m, int first, int end, int col0, int4 m
   }
 }
 
-// Sum the slices of each column; thread t < TILE gets column t of the tile.
+// Sum the slices of each column; thread t < TILE gets column t of the tile. Slices that share a
+// warp are added with shuffles first, so each output thread adds one value per warp.
 template <int LANES>
-__device__ float reduce_slices(const float (&acc)[kLaneCols], float* red) {
-  constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
-  const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
+__device__ float reduce_slices(float (&acc)[kLaneCols], float* red) {
+  constexpr int TILE = LANES * kLaneCols, WARPS = kThreads / 32;
+  const int lane = threadIdx.x % LANES, warp = threadIdx.x / 32;
 #pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) red[slice * (TILE + 1) + lane * kLaneCols + c] = acc[c];
+  for (int c = 0; c < kLaneCols; ++c) {
+#pragma unroll
+    for (int o = LANES; o < 32; o <<= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
+  }
+  if (threadIdx.x % 32 < LANES)
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) red[warp * (TILE + 1) + lane * kLaneCols + c] = acc[c];
   __syncthreads();
   float s = 0.f;
   if (threadIdx.x < TILE)
-    for (int i = 0; i < SLICES; ++i) s += red[i * (TILE + 1) + threadIdx.x];
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += red[w * (TILE + 1) + threadIdx.x];
   __syncthreads();
   return s;
 }
@@ -202,7 +211,7 @@ __device__ void gather_input(const GemvArgs& a, const Matrix& m, int k_lo, int k
       if (a.in_mode == kInHalf) {
         v = __half2float(static_cast<const half*>(a.x)[src]);
       } else {
-        const float h = static_cast<const float*>(a.x)[src];
+        const float h = __ldg(static_cast<const float*>(a.x) + src);
         if (a.in_mode == kInRmsNorm)
           v = round_half(h * rstd) * __half2float(a.norm_w[src]);
         else
@@ -225,7 +234,7 @@ template <int LANES>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
   extern __shared__ __align__(16) half xs[];
-  __shared__ float red[SLICES * (TILE + 1)];
+  __shared__ float red[(kThreads / 32) * (TILE + 1)];
   __shared__ float stats[32];
   __shared__ bool last;
 
@@ -255,17 +264,32 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     }
   }
 
+  // The rest of this thread's weights: into L2 now, while the previous kernel may still run.
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts) break;
+    const Matrix& m = a.mat[mi + j];
+    for (int i = range[j].x + slice + SLICES; i < range[j].y; i += SLICES) {
+      const int4 c = __ldg(m.chunks + i);
+      const uint32_t* base = m.q_weight + (size_t)c.x * m.n + col0;
+      const int rows = c.w == kDenseBits ? c.z : chunk_words(c.w);
+      for (int r = 0; r < rows; ++r) prefetch_l2(base + (size_t)r * m.n);
+    }
+  }
+  pdl_wait();  // from here on the input (written by the previous kernel) is complete
+  pdl_trigger();
+
   float mean = 0.f, rstd = 1.f;
   if (a.in_mode != kInHalf) {
     const float* h = static_cast<const float*>(a.x);
     float s = 0.f;
     if (a.in_mode == kInLayerNorm) {
-      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) s += h[i];
+      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) s += __ldg(h + i);
       mean = block_sum(s, stats) / a.k_in;
     }
     s = 0.f;
     for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-      const float d = h[i] - mean;
+      const float d = __ldg(h + i) - mean;
       s += d * d;
     }
     rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
@@ -394,7 +418,7 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
   smem = gated ? (x_stride(a.mat[0]) + x_stride(a.mat[1])) * sizeof(half) : 0;
   if (!gated)
     for (int i = 0; i < a.n_mats; ++i) smem = std::max(smem, x_stride(a.mat[i]) * sizeof(half));
-  // Split K while the grid still fits in one wave of resident blocks, keeping at least 16 chunks per split.
+  // Split K while the grid still fits in one wave of resident blocks, keeping at least 32 chunks per split.
   static int resident = 0;
   if (!resident) {
     int per_sm = 1;
@@ -403,7 +427,7 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
   }
   int splits = 1;
   if (a.partials && a.counters && blocks <= a.counters_size) {
-    splits = std::max(1, std::min({resident / blocks, min_chunks / 16, kMaxSplits}));
+    splits = std::max(1, std::min({resident / blocks, min_chunks / 32, kMaxSplits}));
     while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
   static size_t smem_opt_in = 48 * 1024;
@@ -412,7 +436,7 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
     cudaFuncSetAttribute(gemv_kernel<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     smem_opt_in = smem;
   }
-  gemv_kernel<LANES><<<dim3(blocks, splits), kThreads, smem, stream>>>(a);
+  launch(gemv_kernel<LANES>, dim3(blocks, splits), dim3(kThreads), smem, stream, a);
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {

@@ -6,6 +6,7 @@
 // and engine/sampling.py computes the very same noise on any device.
 // Filters (top-k, top-p, min-p) arrive as one threshold on logit / T.
 #include "kodkod.h"
+#include "launch.cuh"
 
 #include <cfloat>
 #include <climits>
@@ -44,6 +45,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
   __shared__ float red_s[32];
   __shared__ int red_i[32];
   __shared__ bool last;
+  pdl_wait();
+  pdl_trigger();
   const float temperature = a.params[0], penalty = a.params[1], threshold = a.params[2];
   const bool greedy = temperature <= 1e-5f;
   const uint64_t seed = (uint64_t)*a.seed;
@@ -92,6 +95,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
 }
 
 __global__ void embed_kernel(const half* table, const int64_t* token, float* out, int hidden) {
+  pdl_wait();
+  pdl_trigger();
   const half* row = table + (size_t)(*token) * hidden;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hidden; i += gridDim.x * blockDim.x)
     out[i] = __half2float(row[i]);
@@ -100,11 +105,11 @@ __global__ void embed_kernel(const half* table, const int64_t* token, float* out
 }  // namespace
 
 void sample(const SampleArgs& a, cudaStream_t stream) {
-  sample_kernel<<<kBlocks, kThreads, 0, stream>>>(a);
+  launch(sample_kernel, dim3(kBlocks), dim3(kThreads), 0, stream, a);
 }
 
 void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream) {
-  embed_kernel<<<(hidden + 255) / 256, 256, 0, stream>>>(table, token, out, hidden);
+  launch(embed_kernel, dim3((hidden + 255) / 256), dim3(256), 0, stream, table, token, out, hidden);
 }
 
 }  // namespace kodkod

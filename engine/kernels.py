@@ -24,7 +24,7 @@ log = logging.getLogger("kodkod.kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu")
-HEADERS = ("kodkod.h",)
+HEADERS = ("kodkod.h", "launch.cuh")
 MIN_CAPABILITY = (7, 5)
 
 # Modes of the gemv kernel (csrc/kodkod.h: InputMode, OutputMode, Activation).

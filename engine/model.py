@@ -79,7 +79,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.heads // self.kv_heads, 1)
             v = v.repeat_interleave(self.heads // self.kv_heads, 1)
             gqa = False
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        # [1, heads, T, d]: SDPA's fused kernels take batched 4-D inputs only
+        q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
         if not self.window and (cache is None or start == 0):
             # keys are exactly the queries' positions: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
@@ -89,7 +90,7 @@ class Attention(nn.Module):
             if self.window:
                 mask &= key_pos.unsqueeze(0) > positions.unsqueeze(1) - self.window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(0, 1).reshape(t, self.heads * self.head_dim))
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
