@@ -69,12 +69,16 @@ class Engine:
         return ("torch", why) if why else ("cuda", None)
 
     def warm_up(self) -> None:
-        """Capture the decode graphs now (a few hundred ms) so that no request pays for it."""
+        """Run each kind of decode step once (on a GPU: capture its CUDA graph) so no request pays for it."""
         for filtered in (False, True):
-            params = GenerationParams(max_new_tokens=2, temperature=0.5 if filtered else 0.0,
+            params = GenerationParams(max_new_tokens=3, temperature=0.5 if filtered else 0.0,
                                       top_p=0.9 if filtered else 1.0, seed=0)
-            for _ in self.generate([0, 0], params):
-                pass
+            saved, self.stop_ids = self.stop_ids, frozenset()
+            try:
+                for _ in self.generate([0, 0], params):
+                    pass
+            finally:
+                self.stop_ids = saved
         self.cache.ids = []
 
     def info(self) -> dict:

@@ -95,7 +95,7 @@ def load(verbose: bool = False):
         _reason = unavailable_reason()
         if _reason is None:
             try:
-                _module = _build(verbose)
+                _module = build(verbose)
             except Exception as exc:  # a failed build must never stop the engine: it has a torch path
                 first = str(exc).strip().splitlines()
                 _reason = f"the kernel build failed: {first[-1] if first else type(exc).__name__}"
@@ -108,7 +108,8 @@ def reason() -> str | None:
     return _reason
 
 
-def _build(verbose: bool):
+def build(verbose: bool = False):
+    """Compile (or find in the cache) and import the extension; raises if the build fails."""
     from torch.utils.cpp_extension import load as load_extension
 
     archs = arch_list()

@@ -70,9 +70,9 @@ class EXL2Linear(nn.Module):
         self.groups = exl2.parse_groups(tensors["q_groups"], q_weight.shape[0], in_features)
         if tensors["q_scale"].shape != (len(self.groups), n // 8):
             raise exl2.EXL2FormatError(f"q_scale shape {tuple(tensors['q_scale'].shape)} != {(len(self.groups), n // 8)}")
-        perm = torch.argsort(invperm)
-        if not torch.equal(torch.sort(perm).values, torch.arange(in_features, device=perm.device)):
+        if not torch.equal(torch.sort(invperm).values, torch.arange(in_features, device=invperm.device)):
             raise exl2.EXL2FormatError("q_invperm is not a permutation")
+        perm = torch.argsort(invperm)
         chunks, self.x_len = chunk_table(self.groups)
         self.register_buffer("q_weight", q_weight.contiguous())
         self.register_buffer("q_scale", tensors["q_scale"].contiguous())

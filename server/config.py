@@ -34,6 +34,8 @@ class ServerConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where the model runs")
+    backend: Literal["auto", "cuda", "torch"] = Field(
+        "auto", description="auto: the CUDA kernels on a GPU (torch path if they cannot run); cuda: insist; torch")
     tokens: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty: open server")
     home: Path = Field(default_factory=default_home, description="KODKOD_HOME: models, logs")
     log_file: Path | None = Field(None, description="JSONL event/completion log; default <home>/logs/events.jsonl")

@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (default auto)")
+    p.add_argument("--backend", choices=["auto", "cuda", "torch"],
+                   help="auto (default): the CUDA kernels on a GPU, else the torch path; cuda: insist; torch")
     p.add_argument("--token", dest="tokens", action="append", metavar="TOKEN",
                    help="accepted bearer token (repeatable); none: the server is open")
     p.add_argument("--config", help="TOML config file (flags > KODKOD_* environment > file)")
@@ -40,8 +42,8 @@ def run(args) -> int:
     from server.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "tokens", "log_prompts",
-                                                 "timeout_s", "queue_size")}
+    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "tokens",
+                                                 "log_prompts", "timeout_s", "queue_size")}
     try:
         config = load_config(cli, config_file=args.config)
     except ConfigError as exc:
@@ -60,8 +62,8 @@ def run(args) -> int:
         return 1
     print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
     try:
-        engine = load_model(path, device=config.device)
-    except ModelError as exc:
+        engine = load_model(path, device=config.device, backend=config.backend)
+    except (ModelError, RuntimeError) as exc:
         print(f"kodkod serve: {exc}", file=sys.stderr)
         return 1
     app = create_app(config, engine)
@@ -76,17 +78,16 @@ def run(args) -> int:
 
 
 def _warm_up(engine) -> None:
-    """One short generation, so that the first request does not pay for lazy initialisation."""
+    """Capture the decode graphs and run a short generation before the server reports healthy."""
     import time
-
-    from engine import GenerationParams
 
     t = time.monotonic()
     try:
-        ids = engine.tokenizer.encode("def main():\n") or [0]
-        for _ in engine.generate(ids, GenerationParams(max_new_tokens=2)):
-            pass
+        engine.warm_up()
     except Exception as exc:  # a warm-up failure shows up again on the first request
         print(f"kodkod serve: warm-up failed: {exc}", file=sys.stderr)
         return
-    print(f"kodkod: warm-up {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
+    info = engine.info()
+    why = f" ({info['backend_note']})" if info.get("backend_note") else ""
+    print(f"kodkod: {info['backend']} backend{why}, warmed up in {time.monotonic() - t:.1f} s",
+          file=sys.stderr, flush=True)
