@@ -22,8 +22,11 @@ from .model import GatedMLP, LayerNorm, RMSNorm, Transformer
 from .sampling import Sampler
 
 
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
 class Decoder:
-    """The shared part: eager prefill through the model, graph capture of `_step`."""
+    """The shared part: prefill (bucketed CUDA graphs on a GPU, eager on the CPU), graph capture of `_step`."""
 
     pos_dtype = torch.int64
 
@@ -34,15 +37,56 @@ class Decoder:
         self.host_pos = 0
         self.use_graphs = use_graphs
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if use_graphs:
+            n = max(b for b in PREFILL_BUCKETS if b <= cache.max_len) if cache.max_len >= 16 else 0
+            self.buckets = tuple(b for b in PREFILL_BUCKETS if b <= cache.max_len)
+            self._pf_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            self._pf_pos = torch.zeros(n, dtype=torch.int64, device=self.device)
+            self._pf_last = torch.zeros(1, dtype=torch.int64, device=self.device)
+            self._pf_logits = torch.zeros(model.config.vocab_size, device=self.device)
+            self._pool = torch.cuda.graph_pool_handle()
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], start: int) -> None:
-        t = torch.tensor(ids, device=self.device)
-        positions = torch.arange(start, start + len(ids), device=self.device)
-        logits = self.model(t, positions, self.cache, last_only=True, start=start)[0]
+        bucket = next((b for b in getattr(self, "buckets", ()) if b >= len(ids)), None)
+        if bucket is None:  # the CPU, or a prompt longer than every bucket
+            t = torch.tensor(ids, device=self.device)
+            positions = torch.arange(start, start + len(ids), device=self.device)
+            logits = self.model(t, positions, self.cache, last_only=True, start=start)[0]
+        else:
+            self._set_prefill_inputs(ids, start, bucket)
+            graph = self._prefill_graphs.get(bucket)
+            if graph is None:
+                graph = self._prefill_graphs[bucket] = self._capture(lambda: self._prefill_body(bucket))
+                self._set_prefill_inputs(ids, start, bucket)
+            graph.replay()
+            logits = self._pf_logits
         self.pos.fill_(start + len(ids) - 1)  # the draw advances it to the next free position
         self.host_pos = start + len(ids)
         self.sampler(logits, self.pos)
+
+    def _set_prefill_inputs(self, ids: list[int], start: int, bucket: int) -> None:
+        """Prompt padded to the bucket; padding sits at later positions (their cache rows are rewritten
+        before anything reads them) and never past the cache's last row."""
+        padded = torch.tensor(ids + [0] * (bucket - len(ids)), dtype=torch.int64)
+        self._pf_ids[:bucket].copy_(padded, non_blocking=True)
+        self._pf_pos[:bucket].copy_(torch.arange(start, start + bucket).clamp(max=self.cache.max_len - 1),
+                                    non_blocking=True)
+        self._pf_last.fill_(len(ids) - 1)
+
+    def _prefill_body(self, bucket: int) -> None:
+        logits = self.model(self._pf_ids[:bucket], self._pf_pos[:bucket], self.cache,
+                            last_index=self._pf_last)[0]
+        self._pf_logits.copy_(logits)
+
+    def warm_up_prefill(self) -> None:
+        """Capture every prefill bucket now."""
+        for b in getattr(self, "buckets", ()):
+            if b not in self._prefill_graphs:
+                self._set_prefill_inputs([0], 0, b)
+                with torch.inference_mode():
+                    self._prefill_graphs[b] = self._capture(lambda b=b: self._prefill_body(b))
 
     @torch.inference_mode()
     def decode(self) -> None:
@@ -55,8 +99,11 @@ class Decoder:
             graph.replay()
         self.host_pos += 1
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        """Capture `_step` with the buffers as they are; warm-up runs write only scratch positions."""
+    def _capture(self, body=None) -> torch.cuda.CUDAGraph:
+        """Capture `body` (default: the decode step) with the buffers as they are, into one memory pool
+        shared by all graphs (they never run at once). Warm-up runs write cache rows at positions that
+        the real run rewrites, and change the sampler's state: that is put back."""
+        body = body or self._step
         saved_pos, saved_ids = self.pos.clone(), list(self.cache.ids)
         saved_sampler = [t.clone() for t in (self.sampler.token, self.sampler.seen, self.sampler.step)]
         side = torch.cuda.Stream(self.device)
@@ -64,14 +111,12 @@ class Decoder:
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.pos.fill_(self.host_pos)
-                self._step()
+                body()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.pos.fill_(self.host_pos)
-        with torch.cuda.graph(graph):
-            self._step()
-        # The warm-up and capture wrote keys at host_pos (rewritten by the real step) and changed the
-        # sampler's state: put both back.
+        with torch.cuda.graph(graph, pool=self._pool):
+            body()
         self.pos.copy_(saved_pos)
         for t, s in zip((self.sampler.token, self.sampler.seen, self.sampler.step), saved_sampler):
             t.copy_(s)
@@ -179,7 +224,9 @@ def fast_path_blocker(model: Transformer, dtype: torch.dtype) -> str | None:
 
 def prepare_fast_path(model: Transformer, ext) -> None:
     """Hand every linear layer to the kernels (EXL2 stays packed; dense becomes W^T in place)."""
-    scratch = DequantScratch()
+    layers = [m for m in model.layers.modules() if isinstance(m, EXL2Linear)]
+    largest = max((m.x_len * m.q_weight.shape[1] for m in layers), default=0)
+    scratch = DequantScratch(largest, model.embed_tokens.device)
     for module in model.modules():
         if isinstance(module, EXL2Linear):
             module.prepare_kernels(ext, scratch)

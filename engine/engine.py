@@ -69,7 +69,8 @@ class Engine:
         return ("torch", why) if why else ("cuda", None)
 
     def warm_up(self) -> None:
-        """Run each kind of decode step once (on a GPU: capture its CUDA graph) so no request pays for it."""
+        """Capture the CUDA graphs (every prefill bucket, both kinds of decode step) so no request pays for it."""
+        self.decoder.warm_up_prefill()
         for filtered in (False, True):
             params = GenerationParams(max_new_tokens=3, temperature=0.5 if filtered else 0.0,
                                       top_p=0.9 if filtered else 1.0, seed=0)

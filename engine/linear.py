@@ -120,6 +120,7 @@ class EXL2Linear(nn.Module):
     def prepare_kernels(self, ext, scratch: "DequantScratch") -> None:
         """Use the kernels: a one-token input runs the GEMV, longer ones dequantize into scratch + matmul."""
         self._ext, self._scratch = ext, scratch
+        self._perm_long = self.perm.long()
         self._dense = None
         self.cache_dense = False
         self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
@@ -136,22 +137,23 @@ class EXL2Linear(nn.Module):
             return out.view(*lead, self.out_features).to(x.dtype)
         w = self._scratch.get(self.x_len * self.q_weight.shape[1], x.device).view(self.x_len, -1)
         self._ext.dequant(self.kernel_matrix, w)
-        y = x2[:, self.perm.long()] @ w[:k, :self.out_features]
+        y = x2.index_select(1, self._perm_long) @ w[:k, :self.out_features]
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
 
 
 class DequantScratch:
-    """One fp16 buffer for prefill's dequantized weights, shared by every layer, grown on demand."""
+    """One fp16 buffer for prefill's dequantized weights, shared by every layer. Its size is fixed
+    before any CUDA graph captures it; a larger request (the head over many tokens, outside the
+    graphs) gets a temporary buffer instead, so a captured address is never freed."""
 
-    def __init__(self):
-        self.buf: torch.Tensor | None = None
+    def __init__(self, numel: int = 0, device=None):
+        self.buf = torch.empty(numel, dtype=torch.float16, device=device) if numel else None
 
     def get(self, numel: int, device) -> torch.Tensor:
         if self.buf is None or self.buf.numel() < numel:
-            self.buf = None
-            self.buf = torch.empty(numel, dtype=torch.float16, device=device)
+            return torch.empty(numel, dtype=torch.float16, device=device)
         return self.buf[:numel]
 
 

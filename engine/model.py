@@ -136,7 +136,8 @@ class Transformer(nn.Module):
         self.rope = rope
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                last_only: bool = False, start: int | None = None) -> torch.Tensor:
+                last_only: bool = False, start: int | None = None,
+                last_index: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions [T] -> logits [T or 1, vocab] in fp32.
 
         With a cache, `start` is the first position as a host int; without it
@@ -146,6 +147,8 @@ class Transformer(nn.Module):
         cos_sin = self.rope.at(positions) if cache is not None and start is None else self.rope(positions)
         for layer in self.layers:
             x = layer(x, positions, cache, cos_sin, start)
-        if last_only:
+        if last_index is not None:  # the row of the last real token of a padded prompt, on the device
+            x = x.index_select(0, last_index)
+        elif last_only:
             x = x[-1:]
         return self.lm_head(self.norm(x)).float()
