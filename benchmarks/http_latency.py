@@ -57,7 +57,7 @@ def main() -> int:
             times, generated = [], []
             for i in range(args.requests + 3):
                 words = " ".join(f"t{rng.randrange(1, 30000)}" for _ in range(args.tokens))
-                body = {"language": "python", "segments": {"prefix": "", "raw_prompt": words},
+                body = {"language": "python", "debug_options": {"raw_prompt": words},
                         "max_tokens": args.new, "temperature": 0}
                 t0 = time.perf_counter()
                 r = client.post(f"{url}/v1/completions", json=body)

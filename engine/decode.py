@@ -39,6 +39,7 @@ class Decoder:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if use_graphs:
+            model.rope.ensure(cache.max_len)  # graph-safe steps only look rows up
             n = max(b for b in PREFILL_BUCKETS if b <= cache.max_len) if cache.max_len >= 16 else 0
             self.buckets = tuple(b for b in PREFILL_BUCKETS if b <= cache.max_len)
             self._pf_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
