@@ -63,6 +63,7 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   h.m.n_out = static_cast<int>(n_out);
   h.m.n_chunks = static_cast<int>(chunks.size(0));
   h.m.x_len = static_cast<int>(x_len);
+  h.m.k = perm.has_value() ? static_cast<int>(perm->numel()) : static_cast<int>(x_len);
   return h;
 }
 
@@ -112,7 +113,8 @@ void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mod
 void dequant(const MatrixHandle& mat, torch::Tensor out) {
   check(out, torch::kHalf, "out");
   TORCH_CHECK(mat.m.q_scale != nullptr, "dequant needs an EXL2 matrix");
-  TORCH_CHECK(out.numel() >= (int64_t)mat.m.x_len * mat.m.n, "out too small");
+  TORCH_CHECK(mat.m.perm != nullptr, "dequant needs the permutation");
+  TORCH_CHECK(out.numel() >= (int64_t)mat.m.k * mat.m.n, "out too small");
   const c10::cuda::CUDAGuard guard(out.device());
   kodkod::dequant(mat.m, ptr<half>(out), stream());
   check_launch();

@@ -365,15 +365,21 @@ __device__ void dequant_chunk(const Matrix& m, int4 meta, int col0, half* out) {
   for (int j = 0; j < W; ++j) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
   float scale[kLaneCols];
   group_scales(m, meta.z, col0, scale);
+  constexpr float kBias = 8388608.f + float(1 << (B - 1));
 #pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) {
-    uint32_t w[W];
+  for (int i = 0; i < V; ++i) {
+    const int row = meta.y + i;
+    if (row >= m.k) break;
+    const int wi = i * B / 32, sh = i * B % 32;
+    half vals[kLaneCols];
 #pragma unroll
-    for (int j = 0; j < W; ++j) w[j] = lane_word(raw[j], c);
-    float v[V];
-    decode<B>(w, v);
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[(size_t)(meta.y + i) * m.n + col0 + c] = __float2half(v[i] * scale[c]);
+    for (int c = 0; c < kLaneCols; ++c) {
+      uint32_t q = lane_word(raw[wi], c) >> sh;
+      if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
+      q &= (1u << B) - 1u;
+      vals[c] = __float2half((__uint_as_float(0x4B000000u | q) - kBias) * scale[c]);
+    }
+    *reinterpret_cast<uint2*>(out + (size_t)m.perm[row] * m.n + col0) = *reinterpret_cast<const uint2*>(vals);
   }
 }
 

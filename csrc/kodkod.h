@@ -26,6 +26,7 @@ struct Matrix {
   int n_out;                 // columns that exist
   int n_chunks;
   int x_len;                 // rows of x the chunks read (K rounded up to whole chunks)
+  int k;                     // rows that exist (K)
 };
 
 enum InputMode { kInHalf = 0, kInRmsNorm = 1, kInLayerNorm = 2 };
@@ -54,7 +55,8 @@ struct GemvArgs {
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
 
-// Dequantize one EXL2 matrix to w_perm [x_len, n] fp16 (permuted row order), for prefill matmuls.
+// Dequantize one EXL2 matrix to W [k, n] fp16 in the original row order (rows scattered through
+// perm), so that a prefill multiplies the activations as they are.
 void dequant(const Matrix& m, half* out, cudaStream_t stream);
 
 struct AttentionArgs {

@@ -37,7 +37,7 @@ class Decoder:
         self.host_pos = 0
         self.use_graphs = use_graphs
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         if use_graphs:
             model.rope.ensure(cache.max_len)  # graph-safe steps only look rows up
             n = max(b for b in PREFILL_BUCKETS if b <= cache.max_len) if cache.max_len >= 16 else 0
@@ -56,10 +56,12 @@ class Decoder:
             positions = torch.arange(start, start + len(ids), device=self.device)
             logits = self.model(t, positions, self.cache, last_only=True, start=start)[0]
         else:
+            fresh = start == 0  # nothing cached before the prompt: plain causal attention (flash kernels)
             self._set_prefill_inputs(ids, start, bucket)
-            graph = self._prefill_graphs.get(bucket)
+            graph = self._prefill_graphs.get((bucket, fresh))
             if graph is None:
-                graph = self._prefill_graphs[bucket] = self._capture(lambda: self._prefill_body(bucket))
+                graph = self._capture(lambda: self._prefill_body(bucket, fresh))
+                self._prefill_graphs[(bucket, fresh)] = graph
                 self._set_prefill_inputs(ids, start, bucket)
             graph.replay()
             logits = self._pf_logits
@@ -76,18 +78,21 @@ class Decoder:
                                     non_blocking=True)
         self._pf_last.fill_(len(ids) - 1)
 
-    def _prefill_body(self, bucket: int) -> None:
-        logits = self.model(self._pf_ids[:bucket], self._pf_pos[:bucket], self.cache,
-                            last_index=self._pf_last)[0]
+    def _prefill_body(self, bucket: int, fresh: bool) -> None:
+        """A fresh prompt writes cache rows [0, bucket) and attends causally among its own tokens; a
+        continued one writes at its device positions and attends to the whole cache under a mask."""
+        logits = self.model(self._pf_ids[:bucket], self._pf_pos[:bucket], self.cache, start=0 if fresh else None,
+                            last_index=self._pf_last, graph_safe=True)[0]
         self._pf_logits.copy_(logits)
 
     def warm_up_prefill(self) -> None:
-        """Capture every prefill bucket now."""
+        """Capture every prefill bucket, fresh and continued, now."""
         for b in getattr(self, "buckets", ()):
-            if b not in self._prefill_graphs:
-                self._set_prefill_inputs([0], 0, b)
-                with torch.inference_mode():
-                    self._prefill_graphs[b] = self._capture(lambda b=b: self._prefill_body(b))
+            for fresh in (True, False):
+                if (b, fresh) not in self._prefill_graphs:
+                    self._set_prefill_inputs([0], 0, b)
+                    with torch.inference_mode():
+                        self._prefill_graphs[(b, fresh)] = self._capture(lambda b=b, f=fresh: self._prefill_body(b, f))
 
     @torch.inference_mode()
     def decode(self) -> None:

@@ -120,7 +120,6 @@ class EXL2Linear(nn.Module):
     def prepare_kernels(self, ext, scratch: "DequantScratch") -> None:
         """Use the kernels: a one-token input runs the GEMV, longer ones dequantize into scratch + matmul."""
         self._ext, self._scratch = ext, scratch
-        self._perm_long = self.perm.long()
         self._dense = None
         self.cache_dense = False
         self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
@@ -135,9 +134,9 @@ class EXL2Linear(nn.Module):
             out = torch.empty(self.out_features, dtype=torch.float16, device=x.device)
             self._ext.gemv([self.kernel_matrix], x2[0].contiguous(), IN_HALF, None, None, 0.0, OUT_HALF, 0, [out])
             return out.view(*lead, self.out_features).to(x.dtype)
-        w = self._scratch.get(self.x_len * self.q_weight.shape[1], x.device).view(self.x_len, -1)
-        self._ext.dequant(self.kernel_matrix, w)
-        y = x2.index_select(1, self._perm_long) @ w[:k, :self.out_features]
+        w = self._scratch.get(k * self.q_weight.shape[1], x.device).view(k, -1)
+        self._ext.dequant(self.kernel_matrix, w)  # W in the original row order: no gather of x
+        y = x2 @ w[:, :self.out_features]
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features).to(x.dtype)

@@ -137,14 +137,15 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False, start: int | None = None,
-                last_index: torch.Tensor | None = None) -> torch.Tensor:
+                last_index: torch.Tensor | None = None, graph_safe: bool = False) -> torch.Tensor:
         """ids, positions [T] -> logits [T or 1, vocab] in fp32.
 
         With a cache, `start` is the first position as a host int; without it
-        the step is static (see Attention.forward) and the rope table must
-        already cover every position (Rope.ensure)."""
+        the step is static (see Attention.forward). Static steps, and any with
+        graph_safe=True, only look up rope rows already built (Rope.ensure)."""
         x = self.embed_tokens[ids]
-        cos_sin = self.rope.at(positions) if cache is not None and start is None else self.rope(positions)
+        static = graph_safe or (cache is not None and start is None)
+        cos_sin = self.rope.at(positions) if static else self.rope(positions)
         for layer in self.layers:
             x = layer(x, positions, cache, cos_sin, start)
         if last_index is not None:  # the row of the last real token of a padded prompt, on the device
