@@ -13,6 +13,7 @@
 #include "launch.cuh"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace kodkod {
 namespace {
@@ -104,29 +105,36 @@ __device__ __forceinline__ void load_chunk(const Matrix& m, int4 meta, int col0,
 template <int B>
 __device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
                                            const half* xs, float (&acc)[kLaneCols]) {
-  constexpr int W = chunk_words(B), V = chunk_values(B);
+  constexpr int V = chunk_values(B);
+  constexpr int H = V > 16 ? 16 : V;  // values per pass: bounds the x registers for 32-value chunks
+  constexpr float kBias = 8388608.f + float(1 << (B - 1));
   float scale[kLaneCols];
   group_scales(m, meta.z, col0, scale);
-  float x[V];
-  const half2* xs2 = reinterpret_cast<const half2*>(xs + meta.y);
+  float sum[kLaneCols] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < V / 2; ++i) {
-    const float2 f = __half22float2(xs2[i]);
-    x[2 * i] = f.x;
-    x[2 * i + 1] = f.y;
+  for (int h = 0; h < V; h += H) {
+    float x[H];
+    const half2* xs2 = reinterpret_cast<const half2*>(xs + meta.y + h);
+#pragma unroll
+    for (int i = 0; i < H / 2; ++i) {
+      const float2 f = __half22float2(xs2[i]);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) {
+#pragma unroll
+      for (int i = 0; i < H; ++i) {
+        const int bit = (h + i) * B, wi = bit / 32, sh = bit % 32;
+        uint32_t q = lane_word(raw[wi], c) >> sh;
+        if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
+        q &= (1u << B) - 1u;
+        sum[c] = fmaf(__uint_as_float(0x4B000000u | q) - kBias, x[i], sum[c]);
+      }
+    }
   }
 #pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) {
-    uint32_t w[W];
-#pragma unroll
-    for (int j = 0; j < W; ++j) w[j] = lane_word(raw[j], c);
-    float v[V];
-    decode<B>(w, v);
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) s = fmaf(v[i], x[i], s);
-    acc[c] = fmaf(s, scale[c], acc[c]);
-  }
+  for (int c = 0; c < kLaneCols; ++c) acc[c] = fmaf(sum[c], scale[c], acc[c]);
 }
 
 __device__ __forceinline__ void dense_chunk(int4 meta, const uint4 (&raw)[kMaxWords], const half* xs,
@@ -158,13 +166,17 @@ __device__ __forceinline__ void compute_chunk(const Matrix& m, int4 meta, int co
   }
 }
 
-// One thread's share of a tile: chunks first, first + stride, ... below end. The first chunk's
-// weights arrive preloaded; each iteration loads the next chunk before computing the current one.
+// One thread's share of a tile: chunks first, first + stride, ... below end; each iteration
+// loads the next chunk before computing the current one.
 template <int SLICES>
-__device__ void run_chunks(const Matrix& m, int first, int end, int col0, int4 meta, uint4 (&raw)[kMaxWords],
-                           const half* xs, float (&acc)[kLaneCols]) {
+__device__ void run_chunks(const Matrix& m, int first, int end, int col0, const half* xs,
+                           float (&acc)[kLaneCols]) {
 #pragma unroll
   for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
+  if (first >= end) return;
+  int4 meta = __ldg(m.chunks + first);
+  uint4 raw[kMaxWords];
+  load_chunk(m, meta, col0, raw);
   for (int i = first; i < end; i += SLICES) {
     int4 next_meta = meta;
     uint4 next[kMaxWords];
@@ -230,8 +242,8 @@ __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
   return make_int2((int)((long long)m.n_chunks * ks / nks), (int)((long long)m.n_chunks * (ks + 1) / nks));
 }
 
-template <int LANES>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
+template <int LANES, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvArgs a) {
   constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
   extern __shared__ __align__(16) half xs[];
   __shared__ float red[(kThreads / 32) * (TILE + 1)];
@@ -247,29 +259,14 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
   const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
   const int col0 = tile * TILE + lane * kLaneCols;
 
-  // Issue the first weight loads of every matrix this block reads before anything else.
+  // This thread's weights, into L2 now, while the previous kernel may still run.
   int2 range[2];
-  int4 meta[2];
-  uint4 raw[2][kMaxWords];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
     range[j] = split_range(m, ks, nks);
-    const int first = range[j].x + slice;
-    meta[j] = make_int4(0, 0, 0, 0);
-    if (first < range[j].y) {
-      meta[j] = __ldg(m.chunks + first);
-      load_chunk(m, meta[j], col0, raw[j]);
-    }
-  }
-
-  // The rest of this thread's weights: into L2 now, while the previous kernel may still run.
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j >= parts) break;
-    const Matrix& m = a.mat[mi + j];
-    for (int i = range[j].x + slice + SLICES; i < range[j].y; i += SLICES) {
+    for (int i = range[j].x + slice; i < range[j].y; i += SLICES) {
       const int4 c = __ldg(m.chunks + i);
       const uint32_t* base = m.q_weight + (size_t)c.x * m.n + col0;
       const int rows = c.w == kDenseBits ? c.z : chunk_words(c.w);
@@ -310,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(const GemvArgs a) {
     if (j >= parts) break;
     float acc[kLaneCols];
     const Matrix& m = a.mat[mi + j];
-    run_chunks<SLICES>(m, range[j].x + slice, range[j].y, col0, meta[j], raw[j], xs + j * x_stride(a.mat[0]), acc);
+    run_chunks<SLICES>(m, range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
     y[j] = reduce_slices<LANES>(acc, red);
   }
 
@@ -410,8 +407,8 @@ int sm_count() {
   return count;
 }
 
-template <int LANES>
-void launch(const GemvArgs& a, cudaStream_t stream) {
+template <int LANES, int MIN_BLOCKS>
+void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   constexpr int TILE = LANES * kLaneCols;
   const bool gated = a.out_mode == kOutGated;
   const int parts = gated ? 2 : 1;
@@ -428,7 +425,7 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
   static int resident = 0;
   if (!resident) {
     int per_sm = 1;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<LANES>, kThreads, 48 * 1024);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<LANES, MIN_BLOCKS>, kThreads, 48 * 1024);
     resident = std::max(1, per_sm) * sm_count();
   }
   int splits = 1;
@@ -436,22 +433,23 @@ void launch(const GemvArgs& a, cudaStream_t stream) {
     splits = std::max(1, std::min({resident / blocks, min_chunks / 32, kMaxSplits}));
     while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
-  static size_t smem_opt_in = 48 * 1024;
+  static size_t smem_opt_in = 48 * 1024;  // per instantiation
   if (smem > smem_opt_in) {
-    cudaFuncSetAttribute(gemv_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    cudaFuncSetAttribute(gemv_kernel<32>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaFuncSetAttribute(gemv_kernel<LANES, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     smem_opt_in = smem;
   }
-  launch(gemv_kernel<LANES>, dim3(blocks, splits), dim3(kThreads), smem, stream, a);
+  launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem, stream, a);
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {
   // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
   const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
+  // KODKOD_GEMV_BLOCKS=2 trades occupancy for registers (an experiment knob; 3 is the default).
+  static const bool two = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e && e[0] == '2'; }();
   if (wide)
-    launch<32>(a, stream);
+    two ? launch_gemv<32, 2>(a, stream) : launch_gemv<32, 3>(a, stream);
   else
-    launch<8>(a, stream);
+    two ? launch_gemv<8, 2>(a, stream) : launch_gemv<8, 3>(a, stream);
 }
 
 void dequant(const Matrix& m, half* out, cudaStream_t stream) {
