@@ -39,8 +39,9 @@ class ChoiceText:
         self.raw += text
         accepted = None if self.info.raw else self._checkpoint()
         if self.raw_deltas:
-            delta = self.service.client_line_endings(text, self.info)
-            self.sent += delta
+            # converted as a whole: a "\r\n" split across two deltas must not become "\r\r\n"
+            shown = self.service.client_line_endings(self.raw, self.info)
+            delta, self.sent = shown[len(self.sent):], shown
             return delta
         if accepted is None or not accepted.startswith(self.sent):
             return ""  # no new line, or post-processing disagrees with what was sent: wait
