@@ -107,7 +107,7 @@ def create_app(config: ServerConfig | None = None, engine=None, worker=None) -> 
         try:
             yield
         finally:
-            srv.worker.stop()
+            await srv.worker.aclose()
 
     app = Starlette(
         routes=ROUTES,

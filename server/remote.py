@@ -180,8 +180,13 @@ class RemoteEngine:
         from engine.config import ModelConfig
         from engine.tokenizer import Tokenizer
 
-        config = ModelConfig.from_dir(tokenizer_dir)
-        self.tokenizer = Tokenizer.from_dir(tokenizer_dir, config.eos_token_ids, config.bos_token_id)
+        from engine import ModelError
+
+        try:
+            config = ModelConfig.from_dir(tokenizer_dir)
+            self.tokenizer = Tokenizer.from_dir(tokenizer_dir, config.eos_token_ids, config.bos_token_id)
+        except ModelError as exc:
+            raise KodkodError(f"the remote engine reads the model's tokenizer from --model DIR: {exc}") from None
         self.max_seq_len = config.max_position_embeddings
         self.path = Path(tokenizer_dir)
         self.pool = pool
@@ -303,8 +308,9 @@ class RemoteWorker:
         finish = "stop"
         async with self.engine.pool.stream(body) as chunks:
             async for text, upstream_finish in chunks:
-                self.engine.decode_steps += 1
-                job.tokens += 1
+                if text or upstream_finish is None:  # about one chunk per token; a bare finish is none
+                    self.engine.decode_steps += 1
+                    job.tokens += 1
                 out, stopped = stops.feed(text)
                 if out:
                     job._emit(Item("token", TokenEvent(-1, out), index))

@@ -168,6 +168,10 @@ class EngineWorker:
             self._thread.join(timeout)
             self._thread = None
 
+    async def aclose(self) -> None:
+        """Stop at the end of the app's lifespan (the remote engine's worker closes connections there)."""
+        self.stop()
+
     @property
     def depth(self) -> int:
         return len(self._queue)

@@ -48,6 +48,7 @@ def run(args) -> int:
     from server.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per upstream request
     cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "tokens", "log_prompts",
                                                  "timeout_s", "queue_size", "engine", "upstreams",
                                                  "upstream_model", "upstream_token")}
