@@ -9,24 +9,30 @@ at the end the completion is the post-processed whole text when that extends wha
 sent, else (post-processing of the whole cuts inside text already shown, which is rare)
 exactly what was sent. Either way the deltas concatenate to the completion.
 
+A JSON answer streams nothing (`deltas=None`): its completion is always the post-processed
+whole text. With `deltas="raw"` a stream gets the engine's text as it comes instead.
+
 The same checkpoints settle a choice early: when post-processing drops a non-blank line
 at the end and gives the same text at two checkpoints in a row, more tokens cannot
 change the answer, so nobody would read them (`settled`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from .completion import CompletionService, Prepared
 
 
+Deltas = Literal["lines", "raw"] | None
+
+
 class ChoiceText:
-    def __init__(self, service: "CompletionService", info: "Prepared", raw_deltas: bool = False):
+    def __init__(self, service: "CompletionService", info: "Prepared", deltas: Deltas = "lines"):
         self.service = service
         self.info = info
         # raw prompts are never post-processed: their raw text is final as it comes
-        self.raw_deltas = raw_deltas or info.raw
+        self.deltas = "raw" if deltas is not None and info.raw else deltas
         self.raw = ""
         self.sent = ""
         self.settled = False
@@ -38,7 +44,9 @@ class ChoiceText:
         """Take the engine's next text; return the delta to send now (may be empty)."""
         self.raw += text
         accepted = None if self.info.raw else self._checkpoint()
-        if self.raw_deltas:
+        if self.deltas is None:
+            return ""
+        if self.deltas == "raw":
             # converted as a whole: a "\r\n" split across two deltas must not become "\r\r\n"
             shown = self.service.client_line_endings(self.raw, self.info)
             delta, self.sent = shown[len(self.sent):], shown
@@ -66,7 +74,7 @@ class ChoiceText:
     def finish(self) -> tuple[str, str, list[str]]:
         """(last delta, completion, post-processing decisions) once the engine is done."""
         final, decisions = self.service.finish_text(self.raw, self.info)
-        if self.raw_deltas:
+        if self.deltas != "lines":
             return "", final, decisions
         if final.startswith(self.sent):
             return final[len(self.sent):], final, decisions

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from .choice_text import ChoiceText
+from .choice_text import ChoiceText, Deltas
 from .completion import CompletionService, Prepared
 from .errors import ApiError
 from .metrics import Metrics
@@ -56,9 +56,9 @@ def outcome_error(reason: str) -> ApiError:
 
 
 class ChoiceRun:
-    def __init__(self, service: CompletionService, metrics: Metrics, job: Job, n: int, raw_deltas: bool = False):
+    def __init__(self, service: CompletionService, metrics: Metrics, job: Job, n: int, deltas: Deltas = None):
         self.service, self.metrics, self.job, self.n = service, metrics, job, n
-        self.raw_deltas = raw_deltas
+        self.deltas = deltas  # None: a JSON answer, nothing is streamed
         self.info: Prepared | None = None
         self.completions: list[str] = []
         self.outcome = "ok"
@@ -74,7 +74,7 @@ class ChoiceRun:
                 return
             if item.kind == "prepared":
                 self.info = item.value
-                texts = [ChoiceText(self.service, self.info, self.raw_deltas) for _ in range(self.n)]
+                texts = [ChoiceText(self.service, self.info, self.deltas) for _ in range(self.n)]
             elif item.kind == "token":
                 i, ev = item.index, item.value
                 delta = texts[i].add(ev.text)

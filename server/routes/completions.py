@@ -6,6 +6,7 @@ per-choice events (server/choices.py). A body with `prompt` is OpenAI's, any oth
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -47,7 +48,8 @@ async def completions(request: Request) -> Response:
     srv.remember(job)
     srv.metrics.queue_depth.set(srv.worker.depth)
     answer = OpenAIAnswer(job, srv.model_name) if oai is not None else TabbyAnswer(job)
-    run = ChoiceRun(srv.service, srv.metrics, job, req.n, raw_deltas=req.stream_raw)
+    deltas = ("raw" if req.stream_raw else "lines") if req.stream else None
+    run = ChoiceRun(srv.service, srv.metrics, job, req.n, deltas)
     if req.stream:
         return EventSourceResponse(_stream(srv, req, run, answer), ping=15)
     return await _complete(srv, req, run, answer, request)
@@ -116,8 +118,6 @@ class OpenAIAnswer:
 
 
 def error_body(error: ApiError) -> str:
-    import json
-
     return json.dumps({"error": {"type": error.type, "message": error.message}})
 
 

@@ -22,7 +22,7 @@ def _settles(svc, info, raws):
     """Feed the raw texts one after another; which of them settle the choice."""
     from server.choice_text import ChoiceText
 
-    ct = ChoiceText(svc, info)
+    ct = ChoiceText(svc, info, None)
     out, seen = [], ""
     for raw in raws:
         ct.add(raw[len(seen):])

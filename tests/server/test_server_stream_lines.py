@@ -35,10 +35,10 @@ def services(engine, tmp_path_factory):
     return svc, out
 
 
-def _stream(svc, info, deltas, raw_deltas=False):
+def _stream(svc, info, deltas, mode="lines"):
     from server.choice_text import ChoiceText
 
-    ct = ChoiceText(svc, info, raw_deltas)
+    ct = ChoiceText(svc, info, mode)
     sent = [ct.add(d) for d in deltas]
     last, completion, decisions = ct.finish()
     return "".join(sent) + last, completion, decisions
@@ -59,9 +59,11 @@ def test_streamed_deltas_add_up_to_the_completion(services, context, pieces, cut
     # the completion is post-processing's answer, unless that answer would take back a line already shown
     assert completion == final or (completion.startswith(final.rstrip()) and decisions[-1] == "kept the lines already streamed")
     # raw deltas: the engine's text as it came; the completion is post-processing's answer
-    streamed_raw, completion_raw, _ = _stream(svc, info, deltas, raw_deltas=True)
+    streamed_raw, completion_raw, _ = _stream(svc, info, deltas, "raw")
     assert completion_raw == final
     assert streamed_raw == svc.client_line_endings(raw, info)
+    # a JSON answer streams nothing, and its completion is post-processing's answer
+    assert _stream(svc, info, deltas, None)[:2] == ("", final)
 
 
 def test_lines_are_sent_as_soon_as_post_processing_accepts_them(services):
