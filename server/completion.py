@@ -20,6 +20,7 @@ from .worker import Job
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 64
 DEFAULT_TEMPERATURE = 0.1
+MIN_TOP_P = 1e-6
 
 from languages import Segments as LSegments
 from languages import Snippet as LSnippet
@@ -130,12 +131,15 @@ class CompletionService:
         max_new = max(0, min(max_new, self.engine.max_seq_len - len(prompt.ids)))
         temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
         seed = req.seed if req.seed is not None else random.getrandbits(32)
+        # a top_p below float32's resolution rounds to 0 in the engine's nucleus filter, which then
+        # drops every token (found by the fuzz test); any top_p this small keeps only the likeliest token
+        top_p = max(req.top_p, MIN_TOP_P) if req.top_p is not None else 1.0
         stop_strings = tuple(dict.fromkeys((*prompt.stop_strings, *self._stops(req))))
         stop_ids = tuple(prompt.stop_token_ids)
         plan = []
         for i in range(req.n):
             params = GenerationParams(max_new_tokens=max_new, temperature=temperature, seed=seed + i,
-                                      top_p=req.top_p or 1.0, stop_token_ids=stop_ids, stop_strings=stop_strings)
+                                      top_p=top_p, stop_token_ids=stop_ids, stop_strings=stop_strings)
             plan.append((list(prompt.ids), params))
         return info, plan
 
