@@ -1,7 +1,8 @@
 """The `kodkod` command: one entry point, one module per subcommand.
 
-Each subcommand lives in `server/commands/<name>.py` and defines `HELP`,
-`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when
+Each subcommand lives in `server/commands/<name>.py` and defines
+`add_arguments(parser)` and `run(args) -> int`. A `KodkodError` that a command raises
+ends it with its one-line message, never a traceback. Modules are imported only when
 their command runs, so `kodkod --help` stays fast and a broken optional
 dependency only breaks the command that needs it.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from server.errors import KodkodError
 
 # name -> (module, one-line help). Order is the order `--help` shows.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nkodkod: interrupted", file=sys.stderr)
         return 130
+    except KodkodError as exc:
+        print(f"kodkod {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 `CompletionService.make_job()` validates the request against the server's
 limits and returns a `worker.Job` whose `prepare()` (run on the worker thread)
-builds the prompt. The HTTP side then pulls token events from the job and,
-when a choice ends, calls `finish_text()` to post-process it.
+builds the prompt. The HTTP side then pulls token events from the job
+(server/choices.py) and post-processes each choice's text (server/choice_text.py).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .worker import Job
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 64
 DEFAULT_TEMPERATURE = 0.1
+MIN_TOP_P = 1e-6
 
 from languages import Segments as LSegments
 from languages import Snippet as LSnippet
@@ -90,6 +91,8 @@ class CompletionService:
                            f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_LEN} characters")
         if req.mode not in (None, "standard"):
             raise ApiError(422, "invalid_request", f"mode {req.mode!r} is not supported (only 'standard')")
+        if raw == "":
+            raise ApiError(422, "invalid_request", "the prompt is empty")
         if raw is None and self.template is None:
             raise ApiError(501, "unsupported_model", f"cannot build a fill-in-the-middle prompt: {self.template_error}")
 
@@ -120,17 +123,23 @@ class CompletionService:
             prompt = build_prompt(segs, lang, self.tokenizer, self.template,
                                   budget_tokens=self.config.prompt_budget_tokens)
             info = Prepared(prompt=prompt, segments=segs, lang=lang, raw=False, crlf=crlf, language=req.language)
+        if len(prompt.ids) >= self.engine.max_seq_len:
+            raise ApiError(413, "too_large", f"the prompt has {len(prompt.ids)} tokens; the model's context "
+                                             f"holds {self.engine.max_seq_len}")
         max_new = req.max_tokens or self.config.default_max_tokens
         # leave room in the engine's context (its KV cache)
         max_new = max(0, min(max_new, self.engine.max_seq_len - len(prompt.ids)))
         temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
         seed = req.seed if req.seed is not None else random.getrandbits(32)
+        # a top_p below float32's resolution rounds to 0 in the engine's nucleus filter, which then
+        # drops every token (found by the fuzz test); any top_p this small keeps only the likeliest token
+        top_p = max(req.top_p, MIN_TOP_P) if req.top_p is not None else 1.0
         stop_strings = tuple(dict.fromkeys((*prompt.stop_strings, *self._stops(req))))
         stop_ids = tuple(prompt.stop_token_ids)
         plan = []
         for i in range(req.n):
             params = GenerationParams(max_new_tokens=max_new, temperature=temperature, seed=seed + i,
-                                      stop_token_ids=stop_ids, stop_strings=stop_strings)
+                                      top_p=top_p, stop_token_ids=stop_ids, stop_strings=stop_strings)
             plan.append((list(prompt.ids), params))
         return info, plan
 
@@ -163,54 +172,9 @@ class CompletionService:
         done = postprocess(raw_text, info.segments, info.lang, info.prompt)
         return done.text, list(done.decisions)
 
-    def early_stop(self, info: Prepared) -> "EarlyStop":
-        return EarlyStop(info)
-
     @staticmethod
-    def stream_delta(delta: str, info: Prepared) -> str:
-        """A streamed delta in the client's line endings."""
+    def client_line_endings(text: str, info: Prepared) -> str:
+        """Raw engine text in the client's line endings (post-processed text has them already)."""
         if info.crlf:
-            return delta.replace("\r\n", "\n").replace("\n", "\r\n")
-        return delta
-
-
-class EarlyStop:
-    """Stops a generation as soon as post-processing has settled on its completion.
-
-    After each new complete line of raw text, post-process the complete lines. When
-    post-processing drops at least one non-blank line at the end (the completion
-    closed its scope, repeated itself, ran into the suffix...) and gives the same
-    text at two checkpoints in a row, more tokens cannot change the answer, so
-    nobody would read them: the caller stops the choice.
-    """
-
-    def __init__(self, info: Prepared):
-        self.info = info
-        self.enabled = not info.raw and info.segments is not None
-        self.checked = -1
-        self.last: str | None = None
-        self.decisions: list[str] = []
-
-    def check(self, raw: str) -> bool:
-        if not self.enabled:
-            return False
-        end = raw.rfind("\n")
-        if end <= self.checked:
-            return False
-        self.checked = end
-        complete = raw[: end + 1].replace("\r\n", "\n")
-        try:
-            done = postprocess(complete, self.info.segments, self.info.lang, self.info.prompt)
-        except Exception:  # post-processing of partial text must never break a completion
-            self.enabled = False
-            return False
-        text = done.text.replace("\r\n", "\n")
-        if not text.strip() or not complete.startswith(text) or not any(
-                line.strip() for line in complete[len(text):].split("\n")):
-            self.last = None
-            return False
-        stable = self.last == text
-        self.last = text
-        if stable:
-            self.decisions = list(getattr(done, "decisions", []) or [])
-        return stable
+            return text.replace("\r\n", "\n").replace("\n", "\r\n")
+        return text

@@ -12,12 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import KodkodError
 
 ENV_PREFIX = "KODKOD_"
 
 
-class ConfigError(ValueError):
+class ConfigError(KodkodError, ValueError):
     """A configuration that cannot be used, with a message that says why and where."""
 
 
@@ -49,6 +51,22 @@ class ServerConfig(BaseModel):
     max_n: int = Field(4, ge=1, le=64, description="largest n (choices) a request may ask")
     prompt_budget_tokens: int = Field(2048, ge=64, description="token budget of a built prompt")
     fim_template: str | None = Field(None, description="override the model's FIM template")
+    engine: Literal["local", "openai"] = Field("local", description="local: run the model here; openai: send "
+                                               "prompts to OpenAI-compatible upstream servers")
+    upstreams: list[str] = Field(default_factory=list, description="base URLs of the upstream servers (engine openai)")
+    upstream_model: str | None = Field(None, description="model name to ask the upstreams for; "
+                                                         "default: the first one their /v1/models lists")
+    upstream_token: str | None = Field(None, description="bearer token for the upstreams")
+
+    @field_validator("upstreams", mode="before")
+    @classmethod
+    def _split_upstreams(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [u for u in (s.strip() for s in v.split(",")) if u]
+        if isinstance(v, list) and any(not isinstance(u, str) or not u.startswith(("http://", "https://"))
+                                       for u in v):
+            raise ValueError("upstreams must be http:// or https:// URLs")
+        return v
 
     @field_validator("tokens", mode="before")
     @classmethod
@@ -58,6 +76,12 @@ class ServerConfig(BaseModel):
         if isinstance(v, list) and any(not isinstance(t, str) or not t.strip() for t in v):
             raise ValueError("tokens must be non-empty strings")
         return v
+
+    @model_validator(mode="after")
+    def _upstreams_for_openai(self) -> "ServerConfig":
+        if self.engine == "openai" and not self.upstreams:
+            raise ValueError("engine 'openai' needs at least one upstream URL (--upstream)")
+        return self
 
     @property
     def events_path(self) -> Path:
@@ -104,7 +128,7 @@ def load_config(
     for k, v in _env_values(env).items():
         merged[k], source[k] = v, f"environment {ENV_PREFIX}{k.upper()}"
     for k, v in (cli or {}).items():
-        if v is None or (k == "tokens" and not v):
+        if v is None or (k in ("tokens", "upstreams") and not v):
             continue
         merged[k], source[k] = v, f"--{k.replace('_', '-')}"
     try:
@@ -112,7 +136,10 @@ def load_config(
     except ValidationError as exc:
         msgs = []
         for e in exc.errors():
-            field = str(e["loc"][0]) if e["loc"] else "?"
+            if not e["loc"]:  # a rule about several fields
+                msgs.append(e["msg"].removeprefix("Value error, "))
+                continue
+            field = str(e["loc"][0])
             where = source.get(field, "")
             msgs.append(f"{field}: {e['msg']}" + (f" (from {where})" if where else ""))
         raise ConfigError("invalid configuration: " + "; ".join(msgs)) from None

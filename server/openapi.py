@@ -23,14 +23,17 @@ def _errors(*codes: int) -> dict:
             401: "missing or wrong bearer token", 409: "superseded by a newer request of the same user",
             413: "body or prefix over the size limit", 422: "a field of the wrong type or over a limit",
             501: "no completion model, or the model cannot fill in the middle",
-            503: "the queue is full (see Retry-After)", 504: "the request timed out"}
+            502: "remote engine: the upstream servers answered with errors",
+            503: "the queue is full (see Retry-After); remote engine: no upstream can be reached",
+            504: "the request timed out"}
     return {str(c): {"description": text.get(c, "error"), "content": _json(S.ErrorResponse)} for c in codes}
 
 
 @lru_cache(maxsize=4)
 def document(version: str) -> dict:
-    models = [S.CompletionRequest, S.CompletionResponse, S.StreamEvent, S.EventRequest, S.ErrorResponse,
-              S.HealthResponse, S.ServerSetting, S.Healthz]
+    models = [S.CompletionRequest, S.OpenAICompletionRequest, S.CompletionResponse, S.OpenAICompletionResponse,
+              S.StreamEvent, S.EventRequest, S.ErrorResponse, S.HealthResponse, S.ServerSetting, S.Healthz,
+              S.ModelList]
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     components = top.get("$defs", {})
     secured = [{"bearer": []}]
@@ -45,12 +48,20 @@ def document(version: str) -> dict:
         "paths": {
             "/v1/completions": {"post": {
                 "operationId": "completion", "security": secured,
-                "requestBody": {"required": True, "content": _json(S.CompletionRequest)},
+                "description": "Tabby's body, or OpenAI's (told apart by `prompt`); the answer has the same form",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                    "oneOf": [_ref(S.CompletionRequest), _ref(S.OpenAICompletionRequest)]}}}},
                 "responses": {"200": {"description": "the completion; with `stream: true`, Server-Sent Events "
-                                                     "each carrying a StreamEvent, then `data: [DONE]`",
-                                      "content": {**_json(S.CompletionResponse),
+                                                     "each carrying a StreamEvent (OpenAI: a chunk in the answer's "
+                                                     "form), then `data: [DONE]`",
+                                      "content": {"application/json": {"schema": {
+                                          "oneOf": [_ref(S.CompletionResponse), _ref(S.OpenAICompletionResponse)]}},
                                                   "text/event-stream": {"schema": {"type": "string"}}}},
-                              **_errors(400, 401, 409, 413, 422, 501, 503, 504)}}},
+                              **_errors(400, 401, 409, 413, 422, 501, 502, 503, 504)}}},
+            "/v1/models": {"get": {
+                "operationId": "models", "security": secured,
+                "responses": {"200": {"description": "OpenAI's model list: the loaded model", "content": _json(S.ModelList)},
+                              **_errors(401)}}},
             "/v1/events": {"post": {
                 "operationId": "event", "security": secured,
                 "requestBody": {"required": True, "content": _json(S.EventRequest)},

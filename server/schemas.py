@@ -3,18 +3,21 @@
 These are the single definition: validation, the OpenAPI document at
 `/api-docs/openapi.json`, and docs/server.md all come from here. Field names
 follow Tabby's protocol (../shared/docs/tabby-api.md); the extensions (`stream`,
-`n`, `max_tokens`, `stop`) are optional.
+`n`, `max_tokens`, `stop`, `top_p`, `stream_raw`) are optional. The same route also
+takes OpenAI's completion body (`OpenAICompletionRequest`, told apart by `prompt`).
+Request models are strict: a string where a number belongs is refused (422), not coerced.
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _In(BaseModel):
-    # Tabby clients send fields we do not use; ignore them rather than refuse.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send fields we do not use: ignore them rather than refuse. Types are strict:
+    # `"max_tokens": "10"` is a client bug worth a clear 422, not a guess.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class Declaration(_In):
@@ -59,6 +62,47 @@ class CompletionRequest(_In):
     n: int = Field(1, ge=1, le=64, description="number of choices (server limit: max_n)")
     max_tokens: int | None = Field(None, ge=1, le=100_000, description="tokens to generate at most (server limit: max_tokens)")
     stop: list[str] | str | None = Field(None, description="extra stop strings (at most 16)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling; default 1 (off)")
+    stream_raw: bool = Field(False, description="stream the engine's text as it comes; the last event's "
+                                                "`completion` is then authoritative (post-processing may trim it)")
+
+
+class OpenAICompletionRequest(_In):
+    """OpenAI's `POST /v1/completions` body. `prompt` with `suffix` (even empty) is a fill-in-the-middle
+    request that gets kodkod's FIM template and post-processing; a bare `prompt` is plain completion."""
+    model_config = ConfigDict(extra="ignore", strict=True, protected_namespaces=())
+    model: str | None = Field(None, description="any name: the loaded model answers")
+    prompt: str | list[str] = Field(..., description="text before the cursor (a list: exactly one string)")
+    suffix: str | None = Field(None, description="text after the cursor")
+    max_tokens: int | None = Field(None, ge=1, le=100_000, description="default: the server's default_max_tokens")
+    temperature: float | None = Field(None, ge=0, le=5, description="default 0.1")
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=64)
+    stop: list[str] | str | None = None
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = Field(None, description="a newer request of the same user supersedes this one")
+    echo: bool = Field(False, description="not supported: true is refused")
+    logprobs: int | None = Field(None, description="not supported: a value is refused")
+    stream_raw: bool = Field(False, description="kodkod extension: see CompletionRequest.stream_raw")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError(f"one prompt per request, not {len(v)}")
+        return v
+
+    def to_tabby(self) -> CompletionRequest:
+        """The same request as a Tabby body: the one form the completion pipeline reads."""
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        if self.suffix is not None:
+            where = dict(segments=Segments(prefix=prompt, suffix=self.suffix))
+        else:
+            where = dict(debug_options=DebugOptions(raw_prompt=prompt))
+        return CompletionRequest(**where, user=self.user, temperature=self.temperature, seed=self.seed,
+                                 stream=self.stream, n=self.n, max_tokens=self.max_tokens, stop=self.stop,
+                                 top_p=self.top_p, stream_raw=self.stream_raw)
 
 
 class Choice(BaseModel):
@@ -82,9 +126,10 @@ class CompletionResponse(BaseModel):
 class StreamChoice(BaseModel):
     index: int
     text: str = Field(..., description="new text of this choice since the previous event")
-    finish_reason: Literal["stop", "length", "cancelled", "timeout", "error"] | None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
     completion: str | None = Field(
-        None, description="on the last event of a choice: the whole post-processed completion (authoritative)")
+        None, description="on the last event of a choice: the whole completion, which the deltas add up to "
+                          "(with `stream_raw`: the post-processed text, which may differ from the deltas)")
 
 
 class StreamEvent(BaseModel):
@@ -114,13 +159,41 @@ class ErrorResponse(BaseModel):
 StreamEvent.model_rebuild()
 
 
-class CompletionModelInfo(BaseModel):
+class OpenAIChoice(BaseModel):
+    text: str
+    index: int
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAICompletionResponse(BaseModel):
+    """OpenAI's completion answer; with `stream: true`, each SSE chunk has this shape (`usage` on
+    none of them, `finish_reason` on the last chunk of each choice), then `data: [DONE]`."""
     model_config = ConfigDict(protected_namespaces=())
-    name: str
-    path: str | None = None
-    architecture: str | None = None
-    device: str | None = None
-    dtype: str | None = None
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[OpenAIChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kodkod"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class Version(BaseModel):

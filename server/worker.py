@@ -35,7 +35,7 @@ class JobTimeout(Exception):
 
 @dataclass
 class Item:
-    """What a job produces: kind is "prepared", "token", "choice_end", "error" or "end"."""
+    """What a job produces: kind is "prepared", "token", "error" or "end"."""
     kind: str
     value: Any = None
     index: int = 0
@@ -70,6 +70,9 @@ class Job:
         self._worker: "EngineWorker | None" = None
         self._choice: tuple[int, threading.Event] | None = None  # the choice being generated
         self.stopped_choices: set[int] = set()
+        # set by an asynchronous producer (server/remote.py): called on cancel() and
+        # stop_choice() so that it stops waiting for its upstream at once
+        self.interrupt: Callable[[], None] | None = None
 
     # ---- consumer side (event loop) ----
     async def next(self) -> Item:
@@ -96,6 +99,8 @@ class Job:
         if self._choice is not None:
             self._choice[1].set()
         self._demand.release()  # wake the worker if it waits for demand
+        if self.interrupt is not None:
+            self.interrupt()
 
     def stop_choice(self, index: int) -> None:
         """End choice `index` early (its completion is already known); the next choices still run.
@@ -104,6 +109,8 @@ class Job:
         if c is not None and c[0] == index:
             self.stopped_choices.add(index)
             c[1].set()
+            if self.interrupt is not None:
+                self.interrupt()
 
     @property
     def cancelled(self) -> bool:
@@ -160,6 +167,10 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    async def aclose(self) -> None:
+        """Stop at the end of the app's lifespan (the remote engine's worker closes connections there)."""
+        self.stop()
 
     @property
     def depth(self) -> int:

@@ -56,17 +56,13 @@ def run(args) -> int:
         print(f"kodkod complete: {exc}", file=sys.stderr)
         return 2
 
-    from engine import ModelError, load_model
+    from server.commands.common import load_engine
     from server.commands.serve import resolve_model
     from server.completion import CompletionService
     from server.errors import ApiError
     from server.schemas import CompletionRequest
 
-    try:
-        engine = load_model(resolve_model(config.model, config.home), device=config.device)
-    except (ModelError, OSError, RuntimeError) as exc:
-        print(f"kodkod complete: {exc}", file=sys.stderr)
-        return 1
+    engine = load_engine(resolve_model(config.model, config.home), device=config.device)
     language = args.language or _language_for(path)
     req = CompletionRequest(language=language, segments={"prefix": prefix, "suffix": suffix, "filepath": str(path)},
                             max_tokens=args.max_tokens, temperature=args.temperature, seed=0)

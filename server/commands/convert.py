@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "quantize a Hugging Face model directory to EXL2"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, help="HF model directory (fp16/bf16/fp32 safetensors)")

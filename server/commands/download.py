@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "fetch, import and convert a known model"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default=None,

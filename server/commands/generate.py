@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import GenerationParams, ModelError, load_model
+    from engine import GenerationParams
+    from server.commands.common import load_engine
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     try:
@@ -29,10 +30,10 @@ def run(args: argparse.Namespace) -> int:
             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop_strings=tuple(args.stop),
         )
-        engine = load_model(args.model, device=args.device)
+        engine = load_engine(args.model, device=args.device)
         ids = engine.tokenizer.encode(prompt)
         events = engine.generate(ids, params)
-    except (ModelError, ValueError, RuntimeError) as exc:
+    except ValueError as exc:  # bad sampling settings or prompt
         print(f"kodkod generate: {exc}", file=sys.stderr)
         return 2
     n = 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "turn a GGUF file into a Hugging Face model directory"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="the .gguf file")

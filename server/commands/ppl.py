@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
-HELP = "measure a model's perplexity on a text file"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,16 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine import load_model
     from engine.convert.calibration import eval_rows
     from engine.convert.ppl import perplexity
+    from server.commands.common import load_engine
 
     for path in args.model:
-        try:
-            eng = load_model(path, device=args.device)
-        except (ValueError, OSError) as exc:
-            print(f"kodkod ppl: {exc}", file=sys.stderr)
-            return 1
+        eng = load_engine(path, device=args.device)
         rows = eval_rows(eng.tokenizer.encode, args.tokens, args.length, args.text)
         n = sum(len(r) - 1 for r in rows)
         print(f"{path}: perplexity {perplexity(eng, rows, not args.no_progress):.4f} ({n} tokens)")

@@ -20,7 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", default=None,
                    help="write prompt and completion text into the JSONL log")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds one request may take (default 30)")
-    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 16)")
+    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 16); "
+                                                   "with --engine openai: requests in flight")
+    p.add_argument("--engine", choices=["local", "openai"],
+                   help="local (default): run the model here; openai: send the prompts to OpenAI-compatible "
+                        "servers (--upstream), reading only the tokenizer from --model DIR")
+    p.add_argument("--upstream", dest="upstreams", action="append", metavar="URL",
+                   help="base URL of an OpenAI-compatible server (repeatable: round robin with failover)")
+    p.add_argument("--upstream-model", help="model name to ask the upstreams for (default: the one they list)")
+    p.add_argument("--upstream-token", help="bearer token for the upstreams")
 
 
 def resolve_model(name: str | None, home: Path) -> Path:
@@ -42,8 +50,10 @@ def run(args) -> int:
     from server.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "tokens",
-                                                 "log_prompts", "timeout_s", "queue_size")}
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per upstream request
+    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "tokens", "log_prompts",
+                                                 "timeout_s", "queue_size", "engine", "upstreams",
+                                                 "upstream_model", "upstream_token")}
     try:
         config = load_config(cli, config_file=args.config)
     except ConfigError as exc:
@@ -52,29 +62,43 @@ def run(args) -> int:
 
     import uvicorn
 
-    from engine import ModelError, load_model
-    from server.app import create_app
-
     try:
         path = resolve_model(config.model, config.home)
     except Exception as exc:
         print(f"kodkod serve: cannot get the model: {exc}", file=sys.stderr)
         return 1
-    print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
-    try:
-        engine = load_model(path, device=config.device, backend=config.backend)
-    except (ModelError, RuntimeError) as exc:
-        print(f"kodkod serve: {exc}", file=sys.stderr)
-        return 1
-    app = create_app(config, engine)
+    if config.engine == "openai":
+        app = _remote_app(config, path)
+        where = f"upstreams {', '.join(config.upstreams)}"
+    else:
+        app = _local_app(config, path)
+        where = config.device
     srv = app.state.server
     if srv.service.template is None:
         print(f"kodkod serve: warning: {srv.service.template_error}; only raw prompts will work", file=sys.stderr)
-    _warm_up(engine)
-    print(f"kodkod: serving {engine.info().get('name')} on http://{config.host}:{config.port} "
+    print(f"kodkod: serving {srv.model_name} ({where}) on http://{config.host}:{config.port} "
           f"(log: {config.events_path})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=3)
     return 0
+
+
+def _local_app(config, path: Path):
+    from server.app import create_app
+    from server.commands.common import load_engine
+
+    print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
+    engine = load_engine(path, device=config.device, backend=config.backend)
+    _warm_up(engine)
+    return create_app(config, engine)
+
+
+def _remote_app(config, path: Path):
+    from server.app import create_app
+    from server.remote import RemoteEngine, RemoteWorker, UpstreamPool
+
+    pool = UpstreamPool(config.upstreams, config.upstream_model, config.upstream_token, config.timeout_s)
+    engine = RemoteEngine(path, pool)
+    return create_app(config, engine, RemoteWorker(engine, config.queue_size))
 
 
 def _warm_up(engine) -> None:

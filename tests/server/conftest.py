@@ -69,3 +69,23 @@ def live(make_app):
         yield start
 
 
+@pytest.fixture
+def remote(make_config):
+    """Factory: remote(upstream_urls, **config) -> (base_url, app): a kodkod server in remote mode
+    (engine openai, the tiny model's tokenizer) running under uvicorn until the test ends."""
+    from server.app import create_app
+    from server.remote import RemoteEngine, RemoteWorker, UpstreamPool
+
+    stack = contextlib.ExitStack()
+
+    def start(upstreams, **kw):
+        config = make_config(engine="openai", upstreams=upstreams, **kw)
+        engine = RemoteEngine(fixture_dir(TINY), UpstreamPool(upstreams, timeout_s=config.timeout_s))
+        app = create_app(config, engine, RemoteWorker(engine, config.queue_size, health_interval_s=0.5))
+        url = stack.enter_context(serve_live(app))
+        return url, app
+
+    with stack:
+        yield start
+
+

@@ -46,6 +46,15 @@ def test_extensions_n_max_tokens_stop(client, engine):
     assert "e" not in r.json()["choices"][0]["text"]
 
 
+def test_tiny_top_p_keeps_the_likeliest_token(client):
+    # 5e-324 is 0 in float32: the engine's nucleus filter then dropped every token (a 500, found by the fuzzer)
+    greedy = client.post("/v1/completions", json={**PY, "max_tokens": 6, "temperature": 0}).json()
+    for top_p in (5e-324, 1e-9):
+        r = client.post("/v1/completions", json={**PY, "max_tokens": 6, "temperature": 0.8, "top_p": top_p, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
 def test_same_seed_same_text(client):
     req = {**PY, "max_tokens": 12, "temperature": 0.8, "seed": 123}
     a = client.post("/v1/completions", json=req).json()["choices"][0]["text"]

@@ -18,22 +18,30 @@ def _prepared(engine, config, prefix, suffix, language="python"):
     return svc, info
 
 
+def _settles(svc, info, raws):
+    """Feed the raw texts one after another; which of them settle the choice."""
+    from server.choice_text import ChoiceText
+
+    ct = ChoiceText(svc, info, None)
+    out, seen = [], ""
+    for raw in raws:
+        ct.add(raw[len(seen):])
+        seen = raw
+        out.append(ct.settled)
+    return out
+
+
 def test_early_stop_rule(engine, make_config):
     svc, info = _prepared(engine, make_config(), "def f(x):\n    ", "\n\nprint(f(3))\n")
-    es = svc.early_stop(info)
-    assert not es.check("y = x + 1\n")
-    assert not es.check("y = x + 1\n    return y\n")
     # the first line outside the function: post-processing cuts it; wait for one more line
-    assert not es.check("y = x + 1\n    return y\nprint(1)\n")
-    assert es.check("y = x + 1\n    return y\nprint(1)\nprint(2)\n")
+    assert _settles(svc, info, ["y = x + 1\n", "y = x + 1\n    return y\n", "y = x + 1\n    return y\nprint(1)\n",
+                                "y = x + 1\n    return y\nprint(1)\nprint(2)\n"]) == [False, False, False, True]
     # blank lines inside a body never stop it
-    es = svc.early_stop(info)
-    for raw in ("y = x\n", "y = x\n\n", "y = x\n\n    z = 2\n", "y = x\n\n    z = 2\n\n"):
-        assert not es.check(raw)
+    assert not any(_settles(svc, info, ["y = x\n", "y = x\n\n", "y = x\n\n    z = 2\n", "y = x\n\n    z = 2\n\n"]))
     # raw prompts are never cut
     from server.completion import Prepared
     raw_info = Prepared(prompt=info.prompt, segments=None, lang=None, raw=True, crlf=False, language=None)
-    assert not svc.early_stop(raw_info).check("a\nb\nc\nd\n")
+    assert not any(_settles(svc, raw_info, ["a\n", "a\nb\n", "a\nb\nc\n", "a\nb\nc\nd\n"]))
 
 
 def test_stop_choice_ends_one_choice_within_one_step(engine, make_config):

@@ -20,7 +20,7 @@ def fuzz_app(engine, tmp_path_factory):
     app.state.server.worker.stop()
 
 
-OPERATIONS = [("/v1/completions", "POST"), ("/v1/events", "POST"), ("/v1/health", "GET"), ("/v1/health", "POST"),
+OPERATIONS = [("/v1/completions", "POST"), ("/v1/models", "GET"), ("/v1/events", "POST"), ("/v1/health", "GET"), ("/v1/health", "POST"),
               ("/v1beta/server_setting", "GET"), ("/healthz", "GET"), ("/metrics", "GET")]
 
 

@@ -19,27 +19,48 @@ def _job(app, job_id):
     return app.state.server.jobs[job_id]
 
 
-def test_stream_events_and_done(live):
-    url, app = live(max_tokens=1000)
-    with httpx.stream("POST", f"{url}/v1/completions", json={**PY, "stream": True, "max_tokens": 12, "n": 2},
-                      timeout=30) as r:
+def _stream_choices(url, body):
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r.iter_lines()))
     assert events[-1] == "[DONE]"
     body = events[:-1]
     assert len({e["id"] for e in body}) == 1 and body[0]["id"].startswith("cmpl-")
-    for index in (0, 1):
-        mine = [e["choices"][0] for e in body if e["choices"][0]["index"] == index]
-        assert all(c.get("finish_reason") is None for c in mine[:-1])
-        last = mine[-1]
-        assert last["finish_reason"] in ("stop", "length")
-        streamed = "".join(c["text"] for c in mine)
-        assert isinstance(last["completion"], str)
-        assert len(mine) >= 2  # one event per text delta, then the final one
-    job = wait_done(_job(app, body[0]["id"]))
-    assert job.tokens <= 24 and job.cancel_reason is None
-    assert streamed  # something was generated
+    by_index = {}
+    for e in body:
+        (c,) = e["choices"]
+        by_index.setdefault(c["index"], []).append(c)
+    return body[0]["id"], by_index
+
+
+# The seed is pinned: this test used to leave it to the server, which draws a random one, and at
+# the default temperature 0.1 the tiny model samples its end-of-text token first for about one
+# seed in forty (seeds 56, 57, 91, 92, 122...). That choice then ends at once: a single, empty
+# "stop" event, which is right, but the test expected text, so it failed about once in twenty runs.
+SEEDED = {**PY, "max_tokens": 12, "n": 2, "temperature": 0.1, "seed": 1}
+
+
+def test_stream_events_and_done(live):
+    url, app = live(max_tokens=1000)
+    for raw in (False, True):
+        cid, by_index = _stream_choices(url, {**SEEDED, "stream_raw": raw})
+        assert sorted(by_index) == [0, 1]
+        for mine in by_index.values():
+            assert all(c.get("finish_reason") is None and "completion" not in c for c in mine[:-1])
+            last = mine[-1]
+            assert last["finish_reason"] in ("stop", "length")
+            assert last["completion"]  # this seed makes text
+            streamed = "".join(c["text"] for c in mine)
+            if raw:
+                assert len(mine) >= 2  # one event per text delta, then the final one
+            else:
+                assert streamed == last["completion"]  # nothing streamed is taken back
+        job = wait_done(_job(app, cid))
+        assert job.tokens <= 24 and job.cancel_reason is None
+    # the same request as JSON gives the same completions
+    r = httpx.post(f"{url}/v1/completions", json=SEEDED, timeout=30)
+    assert [c["text"] for c in r.json()["choices"]] == [by_index[i][-1]["completion"] for i in (0, 1)]
 
 
 def test_stream_disconnect_stops_engine_within_one_step(live, engine):
