@@ -23,7 +23,9 @@ def load_engine(path: str | Path, device: str = "auto", **kw):
     try:
         return load_model(path, device=device, **kw)
     except (ModelError, OSError) as exc:
-        raise KodkodError(str(exc)) from None
+        err = KodkodError(str(exc))
+        err.exit_code = 2  # the model named on the command line is the user's input
+        raise err from None
     except RuntimeError as exc:  # backend="cuda" asked for where the kernels cannot run
         if "backend" not in str(exc):
             raise
