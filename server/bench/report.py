@@ -67,6 +67,8 @@ def _fmt(value, kind: str) -> str:
         return f"{100 * value:.1f}%"
     if kind == "ms":
         return f"{1000 * value:.0f}"
+    if kind == "int":
+        return f"{value:.0f}"
     if kind == "f1":
         return f"{value:.1f}"
     if kind == "f2":
@@ -77,7 +79,7 @@ def _fmt(value, kind: str) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """columns: (key, header, kind) with kind one of pct, ms, f1, f2, f3, str."""
+    """columns: (key, header, kind) with kind one of pct, ms, int, f1, f2, f3, str."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
     rule = "|" + "|".join("---" if k == "str" else "---:" for _, _, k in columns) + "|"
     body = ["| " + " | ".join(_fmt(r.get(key), kind) for key, _, kind in columns) + " |" for r in rows]
