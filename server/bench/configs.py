@@ -14,6 +14,8 @@ from __future__ import annotations
 from .tabby_rules import TABBY_MAX_TOKENS, stop_index, tabby_postprocess
 
 CONFIGS = ("raw", "tabby", "kodkod", "kodkod-no-ts-context")
+# `raw` needs every generation to run to its end or the cap: several times the work, so only on request
+DEFAULT_CONFIGS = ("tabby", "kodkod", "kodkod-no-ts-context")
 # configuration -> (the rules it applies, the prompt variant it generates from)
 RULES = {"raw": "raw", "tabby": "tabby", "kodkod": "kodkod", "kodkod-no-ts-context": "kodkod"}
 VARIANT = {"raw": "default", "tabby": "default", "kodkod": "default", "kodkod-no-ts-context": "no-ts-context"}

@@ -67,7 +67,7 @@ def single_line_tasks(pid: str, problem: dict) -> list[Task]:
         ind = _indent(line)
         prefix = problem["prompt"] + "".join(l + "\n" for l in lines[:i]) + ind
         suffix = "\n" + "\n".join(lines[i + 1:]) + "\n"
-        out.append(Task(f"{pid}/single-line/{i}", "single-line", pid, prefix, suffix, line.strip()))
+        out.append(Task(f"{pid}/single-line/{i}", "single-line", pid, prefix, suffix, line[len(ind):]))
     return out
 
 

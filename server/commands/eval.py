@@ -12,7 +12,7 @@ EVAL_COLUMNS = [("type", "task type", "str"), ("config", "configuration", "str")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from server.bench.configs import CONFIGS
+    from server.bench.configs import CONFIGS, DEFAULT_CONFIGS
     from server.bench.humaneval import TASK_TYPES
 
     src = p.add_mutually_exclusive_group()
@@ -22,9 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where a local model runs")
     p.add_argument("--types", default=",".join(TASK_TYPES),
                    help=f"comma-separated task types (default: all of {', '.join(TASK_TYPES)})")
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated configurations (default: all of {', '.join(CONFIGS)}; "
-                        "'raw' makes every generation run to the token cap)")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help=f"comma-separated configurations, of {', '.join(CONFIGS)} (default: "
+                        f"{','.join(DEFAULT_CONFIGS)}; 'raw' makes every generation run to the token cap, "
+                        "several times slower)")
     p.add_argument("--limit", type=int, help="at most this many tasks in all, drawn with --seed across the types "
                                              "(default: every task)")
     p.add_argument("--seed", type=int, default=0, help="draws the tasks and the random spans (default 0)")
