@@ -236,12 +236,16 @@ async def read_metrics(client) -> dict[str, float]:
         text = r.text if r.status_code == 200 else ""
     except Exception:
         text = ""
-    out = {"tokens": 0.0, "tokens_after_cancel": 0.0}
+    out = {"tokens": 0.0, "tokens_after_cancel": 0.0, "cancellations": 0.0}
     names = {"kodkod_tokens_generated_total": "tokens", "kodkod_tokens_after_cancel_total": "tokens_after_cancel"}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0] in names:
+        if len(parts) != 2:
+            continue
+        if parts[0] in names:
             out[names[parts[0]]] = float(parts[1])
+        elif parts[0].startswith("kodkod_cancellations_total{"):  # summed over the reasons
+            out["cancellations"] += float(parts[1])
     return out
 
 
@@ -292,6 +296,7 @@ async def run_bench(url: str, settings: BenchSettings, sources=None) -> dict:
         "first_event_p50_s": _pct(first, 0.5), "first_event_p95_s": _pct(first, 0.95),
         "tokens_generated": after["tokens"] - before["tokens"],
         "tokens_after_cancel": after["tokens_after_cancel"] - before["tokens_after_cancel"],
+        "server_cancellations": after["cancellations"] - before["cancellations"],
         "keystrokes": sum(len(t.typed) for t in traces), "typing_s": round(typing_s, 2),
         "saturation_requests_per_s": sat["requests_per_s"] if sat else None,
     }
