@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -109,7 +110,7 @@ class Evaluator:
         self.finisher = CompletionService(None, ServerConfig())  # post-processing only
 
     # ---- generation ----
-    def _generate(self, task: Task, variant: str, wanted: set[str]):
+    def _generate(self, task: Task, variant: str, wanted: set[str], cached_only: bool = False):
         prepared = self.completer.prepare(task, variant, self.s.max_tokens)
         # equal prompts (the variants often build the same one) share one generation
         key = f"{task.id}|{prepared.prompt_sha}|{self.s.max_tokens}"
@@ -118,6 +119,8 @@ class Evaluator:
             wanted = wanted - {"kodkod"}
         if rec is not None and (rec["complete"] or wanted <= set(rec["settled"])):
             return prepared, rec, True
+        if cached_only:
+            return prepared, None, False
         cancel = threading.Event()
         stopper = Stopper(prepared.info, wanted - {"raw"})
         pieces, times, raw = [], [], ""
@@ -167,25 +170,31 @@ class Evaluator:
         variants: dict[str, set[str]] = {}
         for c in self.s.configs:
             variants.setdefault(VARIANT[c], set()).add(RULES[c])
-        deadline = time.monotonic() + self.s.time_limit_s if self.s.time_limit_s else None
+        deadline = time.monotonic() + self.s.time_limit_s if self.s.time_limit_s is not None else None
         scored: list[Scored] = []
         pool = ThreadPoolExecutor(max(1, self.s.workers))
         futures = []
         bar = tqdm(total=len(tasks) * len(variants), desc="eval", unit="task", disable=not self.s.progress,
                    dynamic_ncols=True)
         cached = 0
+        skipped = 0
         for task in tasks:
             for variant, wanted in variants.items():
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                prepared, rec, hit = self._generate(task, variant, wanted)
+                late = deadline is not None and time.monotonic() > deadline  # past it: cached work only
+                prepared, rec, hit = self._generate(task, variant, wanted, cached_only=late)
+                bar.update(1)
+                if rec is None:
+                    skipped += 1
+                    continue
                 cached += hit
                 for config in self.s.configs:
                     if VARIANT[config] == variant:
                         futures.append(pool.submit(self._score, task, config, prepared, rec))
-                bar.update(1)
                 bar.set_postfix(cached=cached, refresh=False)
         bar.close()
+        if skipped:
+            print(f"kodkod eval: time limit reached; {skipped} generations left for a later run "
+                  "(the cache keeps what is done)", file=sys.stderr)
         for f in tqdm(futures, desc="sandbox", unit="run", disable=not self.s.progress, dynamic_ncols=True):
             scored.append(f.result())
         pool.shutdown()
