@@ -193,36 +193,42 @@ def _restarted_indent(text: str, prefix: str, d: list[str]) -> str:
     return text[drop:]
 
 
-def _block_goes_on(suffix: str, base: int) -> bool:
-    """Does the code after the cursor line continue the cursor's block (its next non-blank line
-    is indented at least as deep as the cursor line)?"""
+def _next_indent(suffix: str) -> int | None:
+    """Indentation of the suffix's next non-blank line after the cursor line (None: there is none)."""
     for line in suffix.split("\n")[1:]:
         if line.strip():
-            return indent_of(line) >= base
-    return False
+            return indent_of(line)
+    return None
 
 
 def _indent_scope(text: str, prefix: str, suffix: str, language: Language, d: list[str]) -> str:
     """For languages whose blocks end by indentation alone (Python): the completion ends where it
-    leaves the cursor's block (a line indented less than the cursor line), even inside a function
-    (the syntax cut knows only functions and classes). And when the code after the cursor goes on in
-    the same block, the editor is inserting between lines: the completion is one statement, the
-    cursor line's, with its body and continuation lines (`elif`/`else`/`except`... included)."""
+    leaves the cursor's block (a line indented less than the cursor line), even inside an `if` or a
+    loop (the syntax cut knows only functions and classes). When the code after the cursor goes on
+    in the same block, the editor is inserting between lines: the completion is one statement, the
+    cursor line's, with its body and continuation lines (`elif`/`else`/`except`... included); when
+    the code after it is indented deeper, the cursor line heads a block whose body is already
+    there: the completion is that line."""
     lines = text.split("\n")
-    cursor_line = prefix.rsplit("\n", 1)[-1] + lines[0]
-    if not cursor_line.strip():
-        return text
-    base = indent_of(cursor_line)
-    one = not suffix.split("\n", 1)[0].strip() and _block_goes_on(suffix, base)
+    p_last = prefix.rsplit("\n", 1)[-1]
+    cursor_line = p_last + lines[0]
+    base = indent_of(cursor_line) if cursor_line.strip() else indent_of(p_last)
+    after = _next_indent(suffix) if not suffix.split("\n", 1)[0].strip() else None
+    header = after is not None and after > base and bool(lines[0].strip())
+    one = after is not None and after >= base
     for i in range(1, len(lines)):
         line = lines[i]
         if not line.strip():
             continue
         ind = indent_of(line)
+        balanced = not imbalance("\n".join(lines[:i]))
         if ind < base:
             d.append(f"cut before line {i + 1}: it leaves the cursor's block (indentation)")
             return _drop_trailing_comments("\n".join(lines[:i]), language)
-        if one and ind == base and not _CLAUSE.match(line.strip()) and not imbalance("\n".join(lines[:i])):
+        if header and balanced:
+            d.append(f"cut before line {i + 1}: the code after the cursor is this line's block")
+            return "\n".join(lines[:i]).rstrip()
+        if one and ind == base and balanced and not _CLAUSE.match(line.strip()):
             d.append(f"cut before line {i + 1}: the code after the cursor goes on in this block, "
                      "so the completion is one statement")
             return "\n".join(lines[:i]).rstrip()
