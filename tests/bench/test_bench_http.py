@@ -55,9 +55,9 @@ def test_trace_benchmark_report_is_sane(live_url):
     assert 0 < s["p50_s"] <= s["p95_s"] <= s["p99_s"] < 20
     assert 0 < s["first_event_p50_s"] <= s["p99_s"]
     assert s["tokens_generated"] > 0
-    # the server saw the aborts (those of requests it had not answered yet), and a cancel stops the
+    # the server counts no more cancels than the client made (an abort after the last token is none), and a cancel stops the
     # engine within a step or so
-    assert s["cancelled"] == 0 or 0 < s["server_cancellations"] <= s["cancelled"]
+    assert 0 <= s["server_cancellations"] <= s["cancelled"]
     assert 0 <= s["tokens_after_cancel"] <= 2 * max(1, s["cancelled"])
     sat = res["saturation"]
     assert sat["completed"] == 8 and sat["requests_per_s"] > 0 and not sat["errors"]
