@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 EVAL_COLUMNS = [("type", "task type", "str"), ("config", "configuration", "str"), ("n", "tasks", "str"),
@@ -86,17 +87,19 @@ def run(args) -> int:
     completer = make_completer(args)
     evaluator = Evaluator(completer, problems, Path(args.cache) if args.cache else out / "cache", settings)
     print(f"kodkod eval: {len(tasks)} tasks ({', '.join(types)}) x {', '.join(configs)}", file=sys.stderr)
+    start = time.monotonic()
     scored = evaluator.run(tasks)
+    seconds = time.monotonic() - start
     rows = summarize(scored, args.max_tokens)
     meta = {**report.run_meta(), **evaluator.model, "tasks": len({s.task.id for s in scored}),
             "limit": args.limit, "seed": args.seed, "max_tokens": args.max_tokens, "types": list(types),
-            "configs": list(configs)}
+            "configs": list(configs), "seconds": round(seconds, 1)}
     report.write_json(out / "eval.json", {"meta": meta, "summary": rows,
                                           "tasks": [_task_row(s) for s in scored]})
     table = report.markdown_table(rows, EVAL_COLUMNS)
     md = (f"# kodkod eval: {meta['model']} ({meta.get('quantization') or 'fp16/fp32'})\n\n"
-          f"{meta['tasks']} tasks, `{meta['command']}`, commit {meta['commit']}, {meta['machine']}, "
-          f"{meta['date']}\n\n{table}\n")
+          f"{meta['tasks']} tasks in {seconds / 60:.1f} min, `{meta['command']}`, commit {meta['commit']}, "
+          f"{meta['machine']}, {meta['date']}\n\n{table}\n")
     (out / "eval.md").write_text(md, encoding="utf-8")
     report.pass_at_1_chart(rows, out / "eval.png", f"pass@1, {meta['model']} ({meta['tasks']} tasks)")
     print(table)
