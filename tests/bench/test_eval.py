@@ -178,3 +178,27 @@ def test_eval_command_reports_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     assert gens.read_text().count("\n") == lines  # nothing generated again
     assert json.loads((out / "eval.json").read_text())["summary"] == data["summary"]
+
+
+def test_eval_against_a_running_server(tmp_path, capsys):
+    """--url: kodkod's answers come from a real uvicorn server, the raw tokens from a raw_prompt stream."""
+    from engine import load_model
+    from server.app import create_app
+    from server.cli import main
+    from server.config import ServerConfig
+    from tests.server.srvutil import serve_live
+
+    app = create_app(ServerConfig(home=tmp_path / "home", default_max_tokens=8),
+                     load_model(fixture_dir(TINY), device="cpu"))
+    out = tmp_path / "out"
+    try:
+        with serve_live(app) as url:
+            assert main(["eval", "--url", url, "--limit", "3", "--max-tokens", "8", "--out", str(out),
+                         "--no-progress"]) == 0
+    finally:
+        app.state.server.worker.stop()
+    data = json.loads((out / "eval.json").read_text())
+    assert data["meta"]["url"] == url and data["meta"]["configs"] == ["tabby", "kodkod"]
+    assert {r["config"] for r in data["summary"]} == {"tabby", "kodkod"}
+    assert all(r["n"] == 3 for r in data["summary"] if r["type"] == "all")
+    assert all(t["latency_s"] is not None and t["latency_s"] > 0 for t in data["tasks"])
