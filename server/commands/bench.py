@@ -53,12 +53,13 @@ def run_http(args) -> int:
                              saturation_requests=args.saturation_requests, saturation_seconds=args.saturation_seconds,
                              concurrency=args.concurrency, seed=args.seed, token=args.token,
                              progress=not args.no_progress)
+    made = report.run_meta()  # the commit and date the run starts from
     try:
         result = asyncio.run(run_bench(args.url, settings, sources))
     except OSError as exc:
         print(f"kodkod bench http: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
-    result["meta"] = report.run_meta()
+    result["meta"] = made
     out = Path(args.out)
     report.write_json(out / "http.json", result)
     s, meta = result["summary"], result["meta"]

@@ -87,11 +87,12 @@ def run(args) -> int:
     completer = make_completer(args)
     evaluator = Evaluator(completer, problems, Path(args.cache) if args.cache else out / "cache", settings)
     print(f"kodkod eval: {len(tasks)} tasks ({', '.join(types)}) x {', '.join(configs)}", file=sys.stderr)
+    made = report.run_meta()  # the commit and date the run starts from
     start = time.monotonic()
     scored = evaluator.run(tasks)
     seconds = time.monotonic() - start
     rows = summarize(scored, args.max_tokens)
-    meta = {**report.run_meta(), **evaluator.model, "tasks": len({s.task.id for s in scored}),
+    meta = {**made, **evaluator.model, "tasks": len({s.task.id for s in scored}),
             "limit": args.limit, "seed": args.seed, "max_tokens": args.max_tokens, "types": list(types),
             "configs": list(configs), "seconds": round(seconds, 1)}
     report.write_json(out / "eval.json", {"meta": meta, "summary": rows,
