@@ -150,3 +150,30 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['shape']} | {r['backend']} | {r['decode_tok_s']} | {r['ms_per_token']} | {r['step_ms']} | "
                      f"{r['floor_pct']} | {r['kernels_per_step']} | {pf} | {r['resident_gb']} | {r['load_peak_gb']} |")
     return "\n".join(lines)
+
+
+def chart(rows: list[dict], path) -> None:
+    """Decode tok/s per shape and backend, with the bandwidth floor's tok/s for scale (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / (len(backends) + 1)
+    for i, b in enumerate(backends):
+        vals = [next((r["decode_tok_s"] for r in rows if r["shape"] == s and r["backend"] == b), 0) for s in shapes]
+        ax.bar([x + i * width for x in range(len(shapes))], vals, width, label=f"kodkod {b}")
+    floor = [1000 / next(r["floor_ms"] for r in rows if r["shape"] == s) for s in shapes]
+    ax.bar([x + len(backends) * width for x in range(len(shapes))], floor, width, label="bandwidth floor",
+           color="lightgray")
+    ax.set_xticks([x + width * len(backends) / 2 for x in range(len(shapes))], shapes)
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title(f"kodkod engine, {torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

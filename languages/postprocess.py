@@ -169,6 +169,70 @@ def _drop_suffix_repeat(text: str, suffix: str, d: list[str]) -> str:
 
 
 _ELSE = re.compile(r"(\}\s*)?(else\b|elif\b|elsif\b)")
+# Clauses that continue a compound statement at its own indentation (Python, Haskell's guards aside).
+_CLAUSE = re.compile(r"(elif|else|except|finally|case)\b")
+_OPENERS = ("{", ":", "(", "[", " do", " then", "=>")
+
+
+def _restarted_indent(text: str, prefix: str, d: list[str]) -> str:
+    """The cursor sits after the indentation of an otherwise empty line, and the model wrote the
+    line again from column 0: `"    return a + b"` after a prefix ending in four spaces. The
+    completion starts at the cursor, so that repeated indentation goes (up to the cursor's width).
+    Not when the line above opens a block the editor has not indented yet: there the model's extra
+    indentation is the block's."""
+    p_last = prefix.rsplit("\n", 1)[-1]
+    first = text.split("\n", 1)[0]
+    ws = leading_ws(first)
+    if not p_last or p_last.strip() or not ws or not first.strip():
+        return text
+    above = next((l for l in reversed(prefix.split("\n")[:-1]) if l.strip()), "")
+    if above.rstrip().endswith(_OPENERS) and indent_of(p_last) <= indent_of(above):
+        return text
+    drop = min(len(ws), len(p_last))
+    d.append(f"dropped {drop} characters of indentation the cursor line already has")
+    return text[drop:]
+
+
+def _next_indent(suffix: str) -> int | None:
+    """Indentation of the suffix's next non-blank line after the cursor line (None: there is none)."""
+    for line in suffix.split("\n")[1:]:
+        if line.strip():
+            return indent_of(line)
+    return None
+
+
+def _indent_scope(text: str, prefix: str, suffix: str, language: Language, d: list[str]) -> str:
+    """For languages whose blocks end by indentation alone (Python): the completion ends where it
+    leaves the cursor's block (a line indented less than the cursor line), even inside an `if` or a
+    loop (the syntax cut knows only functions and classes). When the code after the cursor goes on
+    in the same block, the editor is inserting between lines: the completion is one statement, the
+    cursor line's, with its body and continuation lines (`elif`/`else`/`except`... included); when
+    the code after it is indented deeper, the cursor line heads a block whose body is already
+    there: the completion is that line."""
+    lines = text.split("\n")
+    p_last = prefix.rsplit("\n", 1)[-1]
+    cursor_line = p_last + lines[0]
+    base = indent_of(cursor_line) if cursor_line.strip() else indent_of(p_last)
+    after = _next_indent(suffix) if not suffix.split("\n", 1)[0].strip() else None
+    header = after is not None and after > base and bool(lines[0].strip())
+    one = after is not None and after >= base
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if not line.strip():
+            continue
+        ind = indent_of(line)
+        balanced = not imbalance("\n".join(lines[:i]))
+        if ind < base:
+            d.append(f"cut before line {i + 1}: it leaves the cursor's block (indentation)")
+            return _drop_trailing_comments("\n".join(lines[:i]), language)
+        if header and balanced:
+            d.append(f"cut before line {i + 1}: the code after the cursor is this line's block")
+            return "\n".join(lines[:i]).rstrip()
+        if one and ind == base and balanced and not _CLAUSE.match(line.strip()):
+            d.append(f"cut before line {i + 1}: the code after the cursor goes on in this block, "
+                     "so the completion is one statement")
+            return "\n".join(lines[:i]).rstrip()
+    return text
 
 
 def _drop_else_repeating_suffix(text: str, suffix: str, d: list[str]) -> str:
@@ -245,6 +309,7 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
         text = text[:at]
         if s != "\n":
             d.append(f"stopped at {s!r}")
+    text = _restarted_indent(text, prefix, d)
     rest = suffix.split("\n", 1)[0]
     single = not prompt.multiline
     p_last = prefix.rsplit("\n", 1)[-1]
@@ -262,6 +327,8 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
         text = _dedupe(text, prefix.rsplit("\n", 1)[-1], d)
         cut = _tree_cut(text, prefix, suffix, language, d) if language.grammar else None
         text = cut if cut is not None else _indent_cut(text, prefix, suffix, language, d)
+        if not language.block_end and "\n" in text.strip("\n"):
+            text = _indent_scope(text, prefix, suffix, language, d)
         text = _drop_suffix_repeat(text, suffix, d)
         text = _drop_else_repeating_suffix(text, suffix, d)
     merged = False

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("server.commands.convert", "quantize a Hugging Face model directory to EXL2"),
     "import-gguf": ("server.commands.import_gguf", "turn a GGUF file into a Hugging Face model directory"),
     "ppl": ("server.commands.ppl", "measure a model's perplexity on a text file"),
+    "eval": ("server.commands.eval", "fill-in-the-middle quality on HumanEval (pass@1, exact match)"),
+    "bench": ("server.commands.bench", "benchmarks: `bench http URL` replays keystroke traces, `bench engine` times the engine"),
     "doctor": ("server.commands.doctor", "show GPU, CUDA, compiler and kernel status, and self-test the kernels"),
     "build-kernels": ("server.commands.build_kernels", "compile the CUDA kernels now (for images built without a GPU)"),
 }

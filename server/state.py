@@ -55,6 +55,7 @@ class Server:
         self.metrics.queue_depth.set(self.worker.depth)
         if job.cancel_reason:
             self.metrics.cancellations.labels(job.cancel_reason).inc()
+            self.metrics.count_after_cancel(job)
 
     def remember(self, job: Job) -> None:
         self.jobs[job.id] = job
