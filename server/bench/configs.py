@@ -31,18 +31,22 @@ class Stopper:
     server would have stopped. `done` when all the wanted ones have."""
 
     def __init__(self, info, wanted: set[str]):
-        from server.completion import EarlyStop
+        from server.choice_text import ChoiceText
+        from server.completion import CompletionService
+        from server.config import ServerConfig
 
         self.info = info
         self.wanted = set(wanted)
         self.stops: dict[str, int] = {}
         self.local = hasattr(getattr(info, "prompt", None), "stop_strings")  # a prompt built here
-        self.early = EarlyStop(info) if self.local else None
+        # the server's own rule for settling a choice early (post-processing only: no engine)
+        self.early = ChoiceText(CompletionService(None, ServerConfig()), info, deltas=None) if self.local else None
         self.special = _special_texts(info)
 
     def feed(self, raw: str, n_tokens: int) -> None:
         if "kodkod" in self.wanted and "kodkod" not in self.stops and self.local:
-            if any(s and s in raw for s in self.info.prompt.stop_strings) or self.early.check(raw):
+            self.early.add(raw[len(self.early.raw):])
+            if any(s and s in raw for s in self.info.prompt.stop_strings) or self.early.settled:
                 self.stops["kodkod"] = n_tokens
         if "tabby" in self.wanted and "tabby" not in self.stops:
             if n_tokens >= TABBY_MAX_TOKENS or stop_index(raw, self.info.lang, self.special) is not None:
