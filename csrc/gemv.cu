@@ -21,6 +21,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kLaneCols = 4;   // columns per thread: one 16-byte load of packed words
 constexpr int kMaxWords = 5;   // words per chunk, at most (5-bit)
+constexpr int kBufWords = 3;   // words held ahead per chunk; a 5-bit chunk loads its last two when computed
+constexpr int kStage = 1024;   // chunk-table entries a block stages in shared memory
 constexpr int kDenseRows = 8;  // rows per dense chunk
 constexpr int kMaxSplits = 64;
 
@@ -86,20 +88,32 @@ __device__ __forceinline__ int chunk_rows(int4 meta) {
 
 // The weights of one chunk for this thread's 4 columns, issued early so the loads are in flight
 // while the block does other work (dense chunks: 8 rows of 8 bytes, packed into the same registers).
-__device__ __forceinline__ void load_chunk(const Matrix& m, int4 meta, int col0, uint4 (&raw)[kMaxWords]) {
-  if (meta.w == kDenseBits) {
+__device__ __forceinline__ void load_chunk(const Matrix& m, int4 meta, int col0, uint4 (&raw)[kBufWords]) {
+  if (meta.w == kDenseBits) {  // 8 rows of 4 halfs: the first 6 rows here, the last 2 when computed
     const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
     uint2* r2 = reinterpret_cast<uint2*>(raw);
 #pragma unroll
-    for (int i = 0; i < kDenseRows; ++i)
+    for (int i = 0; i < 2 * kBufWords; ++i)
       r2[i] = i < meta.z ? __ldg(reinterpret_cast<const uint2*>(base + (size_t)i * m.n)) : make_uint2(0, 0);
     return;
   }
   const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
   const int words = chunk_words(meta.w);
 #pragma unroll
-  for (int j = 0; j < kMaxWords; ++j)
+  for (int j = 0; j < kBufWords; ++j)
     if (j < words) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
+}
+
+// The chunk's words: those held ahead, and for a 5-bit chunk the last two, loaded now.
+__device__ __forceinline__ void chunk_words_of(const Matrix& m, int4 meta, int col0, const uint4 (&buf)[kBufWords],
+                                               uint4 (&raw)[kMaxWords]) {
+#pragma unroll
+  for (int j = 0; j < kBufWords; ++j) raw[j] = buf[j];
+  if (meta.w == 5) {
+    const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
+    raw[3] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)3 * m.n));
+    raw[4] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)4 * m.n));
+  }
 }
 
 template <int B>
@@ -137,9 +151,15 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0,
   for (int c = 0; c < kLaneCols; ++c) acc[c] = fmaf(sum[c], scale[c], acc[c]);
 }
 
-__device__ __forceinline__ void dense_chunk(int4 meta, const uint4 (&raw)[kMaxWords], const half* xs,
-                                            float (&acc)[kLaneCols]) {
-  const uint2* r2 = reinterpret_cast<const uint2*>(raw);
+__device__ __forceinline__ void dense_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
+                                            const half* xs, float (&acc)[kLaneCols]) {
+  uint2 r2[kDenseRows];
+#pragma unroll
+  for (int i = 0; i < 2 * kBufWords; ++i) r2[i] = reinterpret_cast<const uint2*>(raw)[i];
+  const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
+#pragma unroll
+  for (int i = 2 * kBufWords; i < kDenseRows; ++i)
+    r2[i] = i < meta.z ? __ldg(reinterpret_cast<const uint2*>(base + (size_t)i * m.n)) : make_uint2(0, 0);
 #pragma unroll
   for (int i = 0; i < kDenseRows; ++i) {
     if (i >= meta.z) break;
@@ -153,8 +173,10 @@ __device__ __forceinline__ void dense_chunk(int4 meta, const uint4 (&raw)[kMaxWo
   }
 }
 
-__device__ __forceinline__ void compute_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
+__device__ __forceinline__ void compute_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&buf)[kBufWords],
                                               const half* xs, float (&acc)[kLaneCols]) {
+  uint4 raw[kMaxWords];
+  chunk_words_of(m, meta, col0, buf, raw);
   switch (meta.w) {
     case 2: exl2_chunk<2>(m, meta, col0, raw, xs, acc); break;
     case 3: exl2_chunk<3>(m, meta, col0, raw, xs, acc); break;
@@ -162,32 +184,51 @@ __device__ __forceinline__ void compute_chunk(const Matrix& m, int4 meta, int co
     case 5: exl2_chunk<5>(m, meta, col0, raw, xs, acc); break;
     case 6: exl2_chunk<6>(m, meta, col0, raw, xs, acc); break;
     case 8: exl2_chunk<8>(m, meta, col0, raw, xs, acc); break;
-    default: dense_chunk(meta, raw, xs, acc); break;
+    default: dense_chunk(m, meta, col0, raw, xs, acc); break;
   }
 }
 
-// One thread's share of a tile: chunks first, first + stride, ... below end; each iteration
-// loads the next chunk before computing the current one.
+// Chunk-table entries of this block's range: staged in shared memory (one coalesced load for
+// the whole block) when they fit, else read from global memory.
+struct Chunks {
+  const int4* staged;  // entry i of the range at staged[i - lo], or nullptr
+  const int4* global;
+  int lo;
+  __device__ __forceinline__ int4 operator[](int i) const { return staged ? staged[i - lo] : __ldg(global + i); }
+};
+
+// One thread's share of a tile: chunks first, first + stride, ... below end, two loads ahead of
+// the chunk being computed.
 template <int SLICES>
-__device__ void run_chunks(const Matrix& m, int first, int end, int col0, const half* xs,
+__device__ void run_chunks(const Matrix& m, const Chunks& chunks, int first, int end, int col0, const half* xs,
                            float (&acc)[kLaneCols]) {
 #pragma unroll
   for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
-  if (first >= end) return;
-  int4 meta = __ldg(m.chunks + first);
-  uint4 raw[kMaxWords];
-  load_chunk(m, meta, col0, raw);
+  int4 meta0 = make_int4(0, 0, 0, 0), meta1 = meta0;
+  uint4 buf0[kBufWords], buf1[kBufWords];
+  if (first < end) {
+    meta0 = chunks[first];
+    load_chunk(m, meta0, col0, buf0);
+  }
+  if (first + SLICES < end) {
+    meta1 = chunks[first + SLICES];
+    load_chunk(m, meta1, col0, buf1);
+  }
   for (int i = first; i < end; i += SLICES) {
-    int4 next_meta = meta;
-    uint4 next[kMaxWords];
-    if (i + SLICES < end) {
-      next_meta = __ldg(m.chunks + i + SLICES);
-      load_chunk(m, next_meta, col0, next);
+    int4 meta2 = meta1;
+    uint4 buf2[kBufWords];
+    if (i + 2 * SLICES < end) {
+      meta2 = chunks[i + 2 * SLICES];
+      load_chunk(m, meta2, col0, buf2);
     }
-    compute_chunk(m, meta, col0, raw, xs, acc);
-    meta = next_meta;
+    compute_chunk(m, meta0, col0, buf0, xs, acc);
+    meta0 = meta1;
+    meta1 = meta2;
 #pragma unroll
-    for (int j = 0; j < kMaxWords; ++j) raw[j] = next[j];
+    for (int j = 0; j < kBufWords; ++j) {
+      buf0[j] = buf1[j];
+      buf1[j] = buf2[j];
+    }
   }
 }
 
@@ -259,15 +300,37 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
   const int col0 = tile * TILE + lane * kLaneCols;
 
-  // This thread's weights, into L2 now, while the previous kernel may still run.
+  // Stage this block's chunk-table entries (weights and tables do not depend on the previous
+  // kernel, so all of this may overlap it), then send this thread's weights toward L2.
+  __shared__ int4 staged[kStage];
   int2 range[2];
+  Chunks chunks[2];
+  int total = 0;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts) break;
+    range[j] = split_range(a.mat[mi + j], ks, nks);
+    total += range[j].y - range[j].x;
+  }
+  const bool stage = total <= kStage;
+  int offset = 0;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
-    range[j] = split_range(m, ks, nks);
+    chunks[j] = Chunks{stage ? staged + offset : nullptr, m.chunks, range[j].x};
+    if (stage)
+      for (int i = threadIdx.x; i < range[j].y - range[j].x; i += blockDim.x)
+        staged[offset + i] = __ldg(m.chunks + range[j].x + i);
+    offset += range[j].y - range[j].x;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts) break;
+    const Matrix& m = a.mat[mi + j];
     for (int i = range[j].x + slice; i < range[j].y; i += SLICES) {
-      const int4 c = __ldg(m.chunks + i);
+      const int4 c = chunks[j][i];
       const uint32_t* base = m.q_weight + (size_t)c.x * m.n + col0;
       const int rows = c.w == kDenseBits ? c.z : chunk_words(c.w);
       for (int r = 0; r < rows; ++r) prefetch_l2(base + (size_t)r * m.n);
@@ -296,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
     if (range[j].x >= range[j].y) continue;
-    const int4 lo = __ldg(m.chunks + range[j].x), hi = __ldg(m.chunks + range[j].y - 1);
+    const int4 lo = chunks[j][range[j].x], hi = chunks[j][range[j].y - 1];
     gather_input(a, m, lo.y, hi.y + chunk_rows(hi), xs + j * x_stride(a.mat[0]), mean, rstd);
   }
   __syncthreads();
@@ -307,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     if (j >= parts) break;
     float acc[kLaneCols];
     const Matrix& m = a.mat[mi + j];
-    run_chunks<SLICES>(m, range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
+    run_chunks<SLICES>(m, chunks[j], range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
     y[j] = reduce_slices<LANES>(acc, red);
   }
 
@@ -425,7 +488,7 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   static int resident = 0;
   if (!resident) {
     int per_sm = 1;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<LANES, MIN_BLOCKS>, kThreads, 48 * 1024);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<LANES, MIN_BLOCKS>, kThreads, 16 * 1024);
     resident = std::max(1, per_sm) * sm_count();
   }
   int splits = 1;
@@ -433,9 +496,10 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
     splits = std::max(1, std::min({resident / blocks, min_chunks / 32, kMaxSplits}));
     while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
-  static size_t smem_opt_in = 48 * 1024;  // per instantiation
+  static size_t smem_opt_in = 48 * 1024 - 24 * 1024;  // per instantiation; about 21 KB are static
   if (smem > smem_opt_in) {
-    cudaFuncSetAttribute(gemv_kernel<LANES, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaFuncSetAttribute(gemv_kernel<LANES, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         (int)std::max(smem, (size_t)48 * 1024));
     smem_opt_in = smem;
   }
   launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem, stream, a);
