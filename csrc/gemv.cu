@@ -23,6 +23,7 @@ constexpr int kLaneCols = 4;   // columns per thread: one 16-byte load of packed
 constexpr int kMaxWords = 5;   // words per chunk, at most (5-bit)
 constexpr int kBufWords = 3;   // words held ahead per chunk; a 5-bit chunk loads its last two when computed
 constexpr int kStage = 1024;   // chunk-table entries a block stages in shared memory
+constexpr int kPermAhead = 2;  // permutation rows per thread loaded before the input is ready
 constexpr int kDenseRows = 8;  // rows per dense chunk
 constexpr int kMaxSplits = 64;
 
@@ -197,40 +198,47 @@ struct Chunks {
   __device__ __forceinline__ int4 operator[](int i) const { return staged ? staged[i - lo] : __ldg(global + i); }
 };
 
-// One thread's share of a tile: chunks first, first + stride, ... below end, two loads ahead of
-// the chunk being computed.
+// One thread's chunks of a tile (first, first + stride, ... below end) with two of them in flight
+// ahead of the one being computed. `begin` issues the first two loads (before the kernel waits for
+// its input, where it can); `run` computes them all.
 template <int SLICES>
-__device__ void run_chunks(const Matrix& m, const Chunks& chunks, int first, int end, int col0, const half* xs,
-                           float (&acc)[kLaneCols]) {
-#pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
-  int4 meta0 = make_int4(0, 0, 0, 0), meta1 = meta0;
+struct ChunkPipe {
+  int4 meta0 = make_int4(0, 0, 0, 0), meta1 = make_int4(0, 0, 0, 0);
   uint4 buf0[kBufWords], buf1[kBufWords];
-  if (first < end) {
-    meta0 = chunks[first];
-    load_chunk(m, meta0, col0, buf0);
-  }
-  if (first + SLICES < end) {
-    meta1 = chunks[first + SLICES];
-    load_chunk(m, meta1, col0, buf1);
-  }
-  for (int i = first; i < end; i += SLICES) {
-    int4 meta2 = meta1;
-    uint4 buf2[kBufWords];
-    if (i + 2 * SLICES < end) {
-      meta2 = chunks[i + 2 * SLICES];
-      load_chunk(m, meta2, col0, buf2);
+
+  __device__ __forceinline__ void begin(const Matrix& m, const Chunks& chunks, int first, int end, int col0) {
+    if (first < end) {
+      meta0 = chunks[first];
+      load_chunk(m, meta0, col0, buf0);
     }
-    compute_chunk(m, meta0, col0, buf0, xs, acc);
-    meta0 = meta1;
-    meta1 = meta2;
+    if (first + SLICES < end) {
+      meta1 = chunks[first + SLICES];
+      load_chunk(m, meta1, col0, buf1);
+    }
+  }
+
+  __device__ __forceinline__ void run(const Matrix& m, const Chunks& chunks, int first, int end, int col0,
+                                      const half* xs, float (&acc)[kLaneCols]) {
 #pragma unroll
-    for (int j = 0; j < kBufWords; ++j) {
-      buf0[j] = buf1[j];
-      buf1[j] = buf2[j];
+    for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
+    for (int i = first; i < end; i += SLICES) {
+      int4 meta2 = meta1;
+      uint4 buf2[kBufWords];
+      if (i + 2 * SLICES < end) {
+        meta2 = chunks[i + 2 * SLICES];
+        load_chunk(m, meta2, col0, buf2);
+      }
+      compute_chunk(m, meta0, col0, buf0, xs, acc);
+      meta0 = meta1;
+      meta1 = meta2;
+#pragma unroll
+      for (int j = 0; j < kBufWords; ++j) {
+        buf0[j] = buf1[j];
+        buf1[j] = buf2[j];
+      }
     }
   }
-}
+};
 
 // Sum the slices of each column; thread t < TILE gets column t of the tile. Slices that share a
 // warp are added with shuffles first, so each output thread adds one value per warp.
@@ -255,12 +263,14 @@ __device__ float reduce_slices(float (&acc)[kLaneCols], float* red) {
   return s;
 }
 
+// x gathered through the permutation (the first kPermAhead rows of each thread may come with
+// their permutation already loaded), normalized if asked, into shared memory as fp16.
 __device__ void gather_input(const GemvArgs& a, const Matrix& m, int k_lo, int k_hi, half* xs, float mean,
-                             float rstd) {
-  for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
+                             float rstd, const int* perm_ahead) {
+  for (int k = k_lo + threadIdx.x, u = 0; k < k_hi; k += blockDim.x, ++u) {
     float v = 0.f;
     if (k < a.k_in) {
-      const int src = m.perm ? m.perm[k] : k;
+      const int src = perm_ahead && u < kPermAhead ? perm_ahead[u] : (m.perm ? m.perm[k] : k);
       if (a.in_mode == kInHalf) {
         v = __half2float(static_cast<const half*>(a.x)[src]);
       } else {
@@ -336,6 +346,24 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       for (int r = 0; r < rows; ++r) prefetch_l2(base + (size_t)r * m.n);
     }
   }
+  // The first matrix's first two chunks into registers, and the first rows of its permutation.
+  ChunkPipe<SLICES> pipe;
+  pipe.begin(a.mat[mi], chunks[0], range[0].x + slice, range[0].y, col0);
+  int k_lo[2] = {0, 0}, k_hi[2] = {0, 0};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts || range[j].x >= range[j].y) continue;
+    const int4 lo = chunks[j][range[j].x], hi = chunks[j][range[j].y - 1];
+    k_lo[j] = lo.y;
+    k_hi[j] = hi.y + chunk_rows(hi);
+  }
+  int perm_ahead[kPermAhead];
+  const int* perm0 = a.mat[mi].perm;
+#pragma unroll
+  for (int u = 0; u < kPermAhead; ++u) {
+    const int k = k_lo[0] + threadIdx.x + u * kThreads;
+    perm_ahead[u] = k < k_hi[0] && k < a.k_in ? (perm0 ? __ldg(perm0 + k) : k) : 0;
+  }
   pdl_wait();  // from here on the input (written by the previous kernel) is complete
   pdl_trigger();
 
@@ -357,10 +385,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
-    const Matrix& m = a.mat[mi + j];
     if (range[j].x >= range[j].y) continue;
-    const int4 lo = chunks[j][range[j].x], hi = chunks[j][range[j].y - 1];
-    gather_input(a, m, lo.y, hi.y + chunk_rows(hi), xs + j * x_stride(a.mat[0]), mean, rstd);
+    gather_input(a, a.mat[mi + j], k_lo[j], k_hi[j], xs + j * x_stride(a.mat[0]), mean, rstd,
+                 j == 0 ? perm_ahead : nullptr);
   }
   __syncthreads();
 
@@ -370,7 +397,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     if (j >= parts) break;
     float acc[kLaneCols];
     const Matrix& m = a.mat[mi + j];
-    run_chunks<SLICES>(m, chunks[j], range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
+    if (j == 1) pipe.begin(m, chunks[1], range[1].x + slice, range[1].y, col0);
+    pipe.run(m, chunks[j], range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
     y[j] = reduce_slices<LANES>(acc, red);
   }
 
@@ -508,12 +536,13 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
 void gemv(const GemvArgs& a, cudaStream_t stream) {
   // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
   const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
-  // KODKOD_GEMV_BLOCKS=2 trades occupancy for registers (an experiment knob; 3 is the default).
-  static const bool two = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e && e[0] == '2'; }();
+  // Registers for 2 resident blocks per SM by default; KODKOD_GEMV_BLOCKS=3 builds for 3 (80 registers,
+  // a few spills): an experiment knob, the two measured alike on an H100 (docs/performance.md).
+  static const bool three = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e && e[0] == '3'; }();
   if (wide)
-    two ? launch_gemv<32, 2>(a, stream) : launch_gemv<32, 3>(a, stream);
+    three ? launch_gemv<32, 3>(a, stream) : launch_gemv<32, 2>(a, stream);
   else
-    two ? launch_gemv<8, 2>(a, stream) : launch_gemv<8, 3>(a, stream);
+    three ? launch_gemv<8, 3>(a, stream) : launch_gemv<8, 2>(a, stream);
 }
 
 void dequant(const Matrix& m, half* out, cudaStream_t stream) {
