@@ -536,9 +536,13 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
 void gemv(const GemvArgs& a, cudaStream_t stream) {
   // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
   const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
-  // Registers for 2 resident blocks per SM by default; KODKOD_GEMV_BLOCKS=3 builds for 3 (80 registers,
-  // a few spills): an experiment knob, the two measured alike on an H100 (docs/performance.md).
-  static const bool three = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e && e[0] == '3'; }();
+  // Two builds: registers for 2 resident blocks per SM (no spills: better where the grid is small and
+  // latency rules) and for 3 (80 registers: better where many blocks stream weights; measured on an
+  // H100, docs/performance.md). KODKOD_GEMV_BLOCKS=2 or 3 forces one.
+  static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
+  int tiles_total = 0;
+  for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) tiles_total += tiles(a.mat[i], 32);
+  const bool three = forced ? forced == 3 : tiles_total > 2 * sm_count();
   if (wide)
     three ? launch_gemv<32, 3>(a, stream) : launch_gemv<32, 2>(a, stream);
   else
