@@ -278,3 +278,17 @@ def test_graph_prefill_and_decode_match_a_plain_forward(ext, backend):
             top2 = eng.logits(prompt + out[:i])[-1].topk(2)
             if (top2.values[0] - top2.values[1]).item() > 1e-2:
                 assert tok == top2.indices[0].item(), f"token {i} of a {len(prompt)}-token prompt"
+
+
+@pytest.mark.parametrize("arch", ["llama-bias", "mistral", "qwen2", "qwen3", "starcoder2"])
+def test_every_family_runs_on_the_fast_path(ext, tmp_path, arch):
+    """Dense fp16 weights, biases, sliding windows, q/k norms, LayerNorm and the plain MLP, on the kernels."""
+    from tests.engine.tiny_models import build
+
+    path, _ = build(tmp_path, arch)
+    fast = load_model(path, device="cuda", backend="cuda")
+    slow = load_model(path, device="cuda", backend="torch")
+    assert fast.backend == "cuda"
+    ids = list(range(3, 60))
+    assert rel_err(fast.logits(ids)[-1], slow.logits(ids)[-1].float()) < 1e-2
+    check_greedy_agreement(fast, slow, ids, 64)
