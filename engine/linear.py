@@ -98,9 +98,19 @@ class EXL2Linear(nn.Module):
             yield g.bits, start
             start += -(-g.rows * g.bits // 32)
 
-    def dequantized(self) -> torch.Tensor:
-        """The HF weight [out, in] in fp32 (the reference dequantization)."""
-        return exl2.dequantize(self.tensors(), self.out_features)
+    def dequantized(self, block: int = 8192) -> torch.Tensor:
+        """The HF weight [out, in] in fp32 (the reference dequantization), `block` columns at a time so
+        that a vocabulary-sized head never holds its integer temporaries all at once."""
+        t = self.tensors()
+        n = t["q_weight"].shape[1]
+        if n <= block:
+            return exl2.dequantize(t, self.out_features)
+        parts = []
+        for c in range(0, n, block):
+            cols = slice(c, min(n, c + block))
+            part = dict(t, q_weight=t["q_weight"][:, cols], q_scale=t["q_scale"][:, c // 8:cols.stop // 8])
+            parts.append(exl2.dequantize(part))
+        return torch.cat(parts)[: self.out_features]
 
     @property
     def weight(self) -> torch.Tensor:

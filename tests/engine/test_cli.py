@@ -1,4 +1,5 @@
 """The `kodkod` command line, run as a real subprocess."""
+import pytest
 import subprocess
 import sys
 
@@ -35,3 +36,14 @@ def test_generate_reads_stdin_and_reports_bad_models_clearly(tmp_path):
     assert r.returncode == 2
     assert "no config.json" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_doctor_and_build_kernels_without_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    r = kodkod("doctor")
+    assert r.returncode == 0 and "GPU" in r.stdout and "torch path" in r.stdout
+    r = kodkod("build-kernels")
+    assert r.returncode == 2 and "--arch" in r.stderr

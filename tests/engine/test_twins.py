@@ -123,3 +123,21 @@ def test_static_decode_step_equals_the_eager_step():
         full = eng.model(torch.tensor(prompt + [77]), torch.arange(len(prompt) + 1))[-1]
     assert torch.allclose(static, eager, atol=1e-4)
     assert torch.allclose(static, full, atol=1e-4)
+
+
+def test_blockwise_dequantization_equals_the_whole():
+    t = layer(300, 96, MIXES[6], 4)
+    lin = EXL2Linear(t, 300, 96, None, torch.float32)
+    assert torch.equal(lin.dequantized(block=64), exl2.dequantize(t, 300))
+
+
+def test_kernels_say_why_they_are_off_without_a_gpu():
+    from engine import kernels
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert kernels.load() is None and "GPU" in kernels.reason()
+    eng = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu")
+    assert eng.backend == "torch" and "CPU" in eng.backend_reason
+    with pytest.raises(RuntimeError, match="CUDA backend cannot run"):
+        load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", backend="cuda")
