@@ -1,7 +1,8 @@
 """The `kodkod` command line, run as a real subprocess."""
-import pytest
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT, fixture_dir
 
