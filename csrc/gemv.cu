@@ -542,16 +542,9 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
   int tiles_total = 0;
   for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) tiles_total += tiles(a.mat[i], 32);
-  // Narrow tiles (16 columns, 64 row slices) where 32-column tiles would not cover the GPU: twice
-  // the blocks, half the chunks per thread.
-  static const bool narrow_ok = [] { const char* e = std::getenv("KODKOD_GEMV_NARROW"); return !(e && e[0] == '0'); }();
-  const bool narrow = narrow_ok && !wide && tiles_total < sm_count();
-  if (narrow) tiles_total *= 2;
   const bool three = forced ? forced == 3 : tiles_total > 2 * sm_count();
   if (wide)
     three ? launch_gemv<32, 3>(a, stream) : launch_gemv<32, 2>(a, stream);
-  else if (narrow)
-    three ? launch_gemv<4, 3>(a, stream) : launch_gemv<4, 2>(a, stream);
   else
     three ? launch_gemv<8, 3>(a, stream) : launch_gemv<8, 2>(a, stream);
 }
