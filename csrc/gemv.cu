@@ -521,7 +521,11 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   }
   int splits = 1;
   if (a.partials && a.counters && blocks <= a.counters_size) {
-    splits = std::max(1, std::min({resident / blocks, min_chunks / 32, kMaxSplits}));
+    static const int min_per_split = [] {  // KODKOD_GEMV_SPLIT_CHUNKS: an experiment knob
+      const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
+      return e && std::atoi(e) > 0 ? std::atoi(e) : 32;
+    }();
+    splits = std::max(1, std::min({resident / blocks, min_chunks / min_per_split, kMaxSplits}));
     while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
   static size_t smem_opt_in = 48 * 1024 - 24 * 1024;  // per instantiation; about 21 KB are static
