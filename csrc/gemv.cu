@@ -1,14 +1,16 @@
 // Matrix-vector products for one token: EXL2-packed or dense fp16 weights.
 //
-// A block owns 32 output columns of one matrix and all of its rows, so every
-// output is summed in one fixed order (no atomics, same result every run).
-// Its 256 threads are 32 row slices x 8 column lanes; a lane reads 4 columns
-// of a packed row with one 16-byte load and decodes them in registers.
-// The input is gathered through the matrix's row permutation into shared
-// memory once, after an optional RMSNorm/LayerNorm of the fp32 residual
-// stream (the norm is fused here so it costs no launch of its own).
-// Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x),
-// or store fp32 (logits).
+// A block owns a tile of 32 output columns (128 for the head) and a range of the rows: all of
+// them, or one of a few K splits whose partial sums the last split to finish adds in a fixed
+// order (no atomics on the outputs: the same result every run). Its 256 threads are row slices
+// x column lanes; a lane reads 4 columns of a packed row with one 16-byte load and decodes them
+// in registers. The EXL2 rows are cut into chunks that decode on their own (a chunk table per
+// matrix, staged in shared memory per block); each thread keeps two chunks in flight.
+// Before the kernel waits for its input (programmatic dependent launch, Hopper) it stages the
+// chunk table, sends its weights toward L2 and loads its first chunks; then the input is
+// gathered through the matrix's row permutation into shared memory, after an optional
+// RMSNorm/LayerNorm of the fp32 residual stream (fused here: no launch of its own).
+// Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x), store fp32 (logits).
 #include "kodkod.h"
 #include "launch.cuh"
 
@@ -53,21 +55,6 @@ __device__ float activate(float x, int act) {
     case kGelu: return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
     case kGeluTanh: return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
     default: return fmaxf(x, 0.f);
-  }
-}
-
-// Codes of one chunk minus the zero point, as floats: value i is bits [i*B, i*B+B)
-// of the chunk's little-endian bit stream. 2^23 + v built from bits avoids an int->float convert.
-template <int B>
-__device__ __forceinline__ void decode(const uint32_t (&w)[chunk_words(B)], float (&v)[chunk_values(B)]) {
-  constexpr float kBias = 8388608.f + float(1 << (B - 1));
-#pragma unroll
-  for (int i = 0; i < chunk_values(B); ++i) {
-    const int wi = i * B / 32, sh = i * B % 32;
-    uint32_t q = w[wi] >> sh;
-    if (sh + B > 32) q |= w[wi + 1] << (32 - sh);
-    q &= (1u << B) - 1u;
-    v[i] = __uint_as_float(0x4B000000u | q) - kBias;
   }
 }
 
