@@ -32,7 +32,7 @@ from typing import AsyncIterator, Callable
 
 import httpx
 
-from .errors import ApiError, KodkodError
+from .errors import ApiError, KodkodError, UsageError
 from .worker import Item, Job, QueueFull
 
 log = logging.getLogger("kodkod.remote")
@@ -186,7 +186,7 @@ class RemoteEngine:
             config = ModelConfig.from_dir(tokenizer_dir)
             self.tokenizer = Tokenizer.from_dir(tokenizer_dir, config.eos_token_ids, config.bos_token_id)
         except ModelError as exc:
-            raise KodkodError(f"the remote engine reads the model's tokenizer from --model DIR: {exc}") from None
+            raise UsageError(f"the remote engine reads the model's tokenizer from --model DIR: {exc}") from None
         self.max_seq_len = config.max_position_embeddings
         self.path = Path(tokenizer_dir)
         self.pool = pool
