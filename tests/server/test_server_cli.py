@@ -20,7 +20,8 @@ def test_device_cuda_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     model = str(fixture_dir("llama-tiny-4.0bpw"))
-    for args in (("serve", "--model", model, "--device", "cuda", "--port", "1"), ("ppl", model, "--device", "cuda")):
+    for args in (("serve", "--model", model, "--device", "cuda", "--port", "1"), ("ppl", model, "--device", "cuda"),
+                 ("convert", "-i", model, "-o", "unused", "--device", "cuda")):
         r = kodkod(*args)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and "no CUDA GPU" in r.stderr, r.stderr
