@@ -156,3 +156,15 @@ def test_upstream_5xx_fails_over(live, remote):
     assert r.status_code == 502, r.text
     err = r.json()["error"]
     assert err["type"] == "upstream_error" and "out of memory" in err["message"]
+
+
+def test_health_checks_bring_an_upstream_back(live, remote):
+    first, _ = live()
+    second, app = remote([first])
+    (up,) = app.state.server.engine.pool.upstreams
+    up.dead("marked dead by the test")
+    deadline = time.monotonic() + 10
+    while not up.alive:  # the fixture checks every 0.5 s
+        assert time.monotonic() < deadline, up
+        time.sleep(0.05)
+    assert up.error is None and up.model == "llama-tiny-4.0bpw"
