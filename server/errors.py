@@ -9,6 +9,12 @@ class KodkodError(Exception):
     exit_code = 1
 
 
+class UsageError(KodkodError):
+    """The command was given something it cannot use: a bad model directory, a device that is not there."""
+
+    exit_code = 2
+
+
 class ApiError(KodkodError):
     def __init__(self, status: int, type: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)

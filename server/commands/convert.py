@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.convert.allocate import read_allocation
     from engine.convert.converter import ConvertError, convert
+    from server.commands.common import check_device, load_engine
 
+    check_device(args.device)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         allocation = read_allocation(args.allocation, "--allocation") if args.allocation else None
@@ -47,12 +49,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"kodkod convert: {exc}", file=sys.stderr)
         return 1
     if args.ppl:
-        from engine import load_model
         from engine.convert.calibration import eval_rows
         from engine.convert.ppl import perplexity
 
         for label, path in (("input", args.input), ("output", out)):
-            eng = load_model(path, device=args.device)
+            eng = load_engine(path, device=args.device)
             rows = eval_rows(eng.tokenizer.encode, args.ppl_tokens)
             print(f"perplexity {label}: {perplexity(eng, rows, not args.no_progress):.4f}")
             del eng

@@ -94,7 +94,8 @@ def _local_app(config, path: Path):
 
 def _remote_app(config, path: Path):
     from server.app import create_app
-    from server.remote import RemoteEngine, RemoteWorker, UpstreamPool
+    from server.remote import RemoteEngine, RemoteWorker
+    from server.upstreams import UpstreamPool
 
     pool = UpstreamPool(config.upstreams, config.upstream_model, config.upstream_token, config.timeout_s)
     engine = RemoteEngine(path, pool)

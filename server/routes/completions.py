@@ -14,31 +14,18 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..state import Server, error_response, server_of
 from ..choices import ChoiceEnd, ChoiceRun, Delta, Failure, outcome_error
 from ..errors import ApiError
 from ..schemas import (Choice, CompletionRequest, CompletionResponse, DebugData, OpenAIChoice,
                        OpenAICompletionRequest, OpenAICompletionResponse, StreamChoice, StreamEvent, Usage)
+from ..state import Server, error_response, server_of
 from ..worker import Job, QueueFull
 
 
 async def completions(request: Request) -> Response:
     srv = server_of(request)
     token = srv.authenticate(request)
-    data = await srv.read_json(request)
-    if "prompt" in data:
-        if "segments" in data or "debug_options" in data:
-            raise ApiError(422, "invalid_request", "a body is either OpenAI's (`prompt`) or Tabby's "
-                                                   "(`segments`, `debug_options`), not both")
-        oai: OpenAICompletionRequest = srv.validate(OpenAICompletionRequest, data)  # type: ignore[assignment]
-        if oai.echo:
-            raise ApiError(422, "invalid_request", "echo is not supported: the answer holds the completion only")
-        if oai.logprobs is not None:
-            raise ApiError(422, "invalid_request", "logprobs are not supported")
-        req = oai.to_tabby()
-    else:
-        oai = None
-        req = srv.validate(CompletionRequest, data)  # type: ignore[assignment]
+    req, openai_body = _request(srv, await srv.read_json(request))
     key = f"user:{req.user}" if req.user else (f"token:{token}" if token else None)
     job = srv.service.make_job(req, key)
     try:
@@ -47,12 +34,27 @@ async def completions(request: Request) -> Response:
         raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from None
     srv.remember(job)
     srv.metrics.queue_depth.set(srv.worker.depth)
-    answer = OpenAIAnswer(job, srv.model_name) if oai is not None else TabbyAnswer(job)
+    answer = OpenAIAnswer(job, srv.model_name) if openai_body else TabbyAnswer(job)
     deltas = ("raw" if req.stream_raw else "lines") if req.stream else None
     run = ChoiceRun(srv.service, srv.metrics, job, req.n, deltas)
     if req.stream:
         return EventSourceResponse(_stream(srv, req, run, answer), ping=15)
     return await _complete(srv, req, run, answer, request)
+
+
+def _request(srv: Server, data: dict) -> tuple[CompletionRequest, bool]:
+    """The body as the one request form the pipeline reads, and whether it was OpenAI's."""
+    if "prompt" not in data:
+        return srv.validate(CompletionRequest, data), False
+    if "segments" in data or "debug_options" in data:
+        raise ApiError(422, "invalid_request", "a body is either OpenAI's (`prompt`) or Tabby's "
+                                               "(`segments`, `debug_options`), not both")
+    oai = srv.validate(OpenAICompletionRequest, data)
+    if oai.echo:
+        raise ApiError(422, "invalid_request", "echo is not supported: the answer holds the completion only")
+    if oai.logprobs is not None:
+        raise ApiError(422, "invalid_request", "logprobs are not supported")
+    return oai.to_tabby(), True
 
 
 class TabbyAnswer:

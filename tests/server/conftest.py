@@ -74,7 +74,8 @@ def remote(make_config):
     """Factory: remote(upstream_urls, **config) -> (base_url, app): a kodkod server in remote mode
     (engine openai, the tiny model's tokenizer) running under uvicorn until the test ends."""
     from server.app import create_app
-    from server.remote import RemoteEngine, RemoteWorker, UpstreamPool
+    from server.remote import RemoteEngine, RemoteWorker
+    from server.upstreams import UpstreamPool
 
     stack = contextlib.ExitStack()
 

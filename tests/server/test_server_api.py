@@ -177,6 +177,18 @@ def test_events_and_jsonl_log(make_app):
     assert srv.log.path.parent.parent == srv.config.home
 
 
+def test_one_console_line_per_completion(client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="kodkod.server"):
+        cid = client.post("/v1/completions", json={**RAW_LONG, "max_tokens": 3}).json()["id"]
+        client.post("/v1/completions", json={**RAW_LONG, "max_tokens": 3, "stream": True})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("completion ")]
+    assert len(lines) == 2
+    assert lines[0] == f"completion {cid[5:13]} ok: 3 tokens, {lines[0].rsplit(', ', 1)[1]}"
+    assert re.fullmatch(r"completion [0-9a-f]{8} ok: 3 tokens, \d+ ms \(stream\)", lines[1]), lines[1]
+
+
 def test_log_prompts(make_app):
     app = make_app(log_prompts=True)
     with TestClient(app) as c:

@@ -113,3 +113,58 @@ def test_all_upstreams_dead_is_a_clear_error(remote):
     assert err["type"] == "upstream_unavailable" and all(d in err["message"] for d in dead)
     events = _streamed(second, {**PY, "max_tokens": 4})
     assert events[-1]["error"]["type"] == "upstream_unavailable"
+
+
+def test_stop_string_closes_the_upstream(live, remote):
+    first, first_app = live(max_tokens=1000)
+    second, _ = remote([first], max_tokens=1000)
+    direct = _texts(first, {**LONG, "max_tokens": 40})[0]
+    stop = direct[10:14]  # text the upstream writes early on
+    assert stop and direct.find(stop) >= 10
+    jobs = first_app.state.server.jobs
+    before = set(jobs)
+    got = _texts(second, {**LONG, "stop": [stop]})
+    assert got == [direct[: direct.find(stop)]]
+    (new,) = set(jobs) - before
+    job = wait_done(jobs[new])
+    # the remote server closed the connection at the stop string: the upstream did not go on to 400 tokens
+    assert job.cancel_reason == "disconnected" and job.tokens < 60, (job.cancel_reason, job.tokens)
+
+
+def test_upstream_5xx_fails_over(live, remote):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from srvutil import serve_live
+
+    async def broken(request):
+        return JSONResponse({"error": {"message": "out of memory"}}, status_code=500)
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [{"id": "broken", "object": "model"}]})
+
+    failing = Starlette(routes=[Route("/v1/completions", broken, methods=["POST"]), Route("/v1/models", models)])
+    first, _ = live(max_tokens=1000)
+    body = {**PY, "max_tokens": 8, "temperature": 0}
+    want = _texts(first, body)
+    with serve_live(failing) as bad:
+        second, _ = remote([bad, first], max_tokens=1000)
+        assert _texts(second, body) == want  # the first try went to the broken one
+        only_bad, _ = remote([bad])
+        r = httpx.post(f"{only_bad}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 502, r.text
+    err = r.json()["error"]
+    assert err["type"] == "upstream_error" and "out of memory" in err["message"]
+
+
+def test_health_checks_bring_an_upstream_back(live, remote):
+    first, _ = live()
+    second, app = remote([first])
+    (up,) = app.state.server.engine.pool.upstreams
+    up.dead("marked dead by the test")
+    deadline = time.monotonic() + 10
+    while not up.alive:  # the fixture checks every 0.5 s
+        assert time.monotonic() < deadline, up
+        time.sleep(0.05)
+    assert up.error is None and up.model == "llama-tiny-4.0bpw"
