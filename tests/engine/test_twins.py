@@ -141,3 +141,9 @@ def test_kernels_say_why_they_are_off_without_a_gpu():
     assert eng.backend == "torch" and "CPU" in eng.backend_reason
     with pytest.raises(RuntimeError, match="CUDA backend cannot run"):
         load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", backend="cuda")
+
+
+def test_a_top_p_below_float32_resolution_keeps_the_top_token():
+    logits = torch.randn(100)
+    th = filter_threshold(logits, torch.tensor(0), torch.tensor(5e-324), torch.tensor(0.0))
+    assert torch.equal(logits >= th, logits == logits.max())
