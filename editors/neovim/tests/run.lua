@@ -130,6 +130,21 @@ test("the accept key accepts a shown suggestion in insert mode", function()
   eq(table.concat(vim.api.nvim_buf_get_lines(buf, 0, -1, false), "\n"), want, "buffer after Tab")
 end)
 
+test("accept line inserts one line at a time and keeps the rest on offer", function()
+  local buf = fresh()
+  local tick = vim.api.nvim_buf_get_changedtick(buf)
+  kodkod._show({ id = "cmpl-00000000-0000-4000-8000-000000000000", text = "ab\ncd", buf = buf, row = 1, col = 4, tick = tick })
+  check(kodkod.accept(true), "accept line")
+  eq(vim.api.nvim_buf_get_lines(buf, 0, -1, false), { "def fib(n):", "    abx", "print(fib(3))" }, "first line")
+  eq(vim.api.nvim_win_get_cursor(0), { 2, 6 }, "cursor")
+  vim.cmd("doautocmd TextChangedI") -- our own change does not drop the rest
+  check(kodkod.visible(), "the rest is shown")
+  eq(kodkod.state.suggestion.text, "\ncd")
+  check(kodkod.accept(true), "accept the next line")
+  eq(vim.api.nvim_buf_get_lines(buf, 0, -1, false), { "def fib(n):", "    ab", "cdx", "print(fib(3))" }, "second line")
+  check(not kodkod.visible(), "all accepted")
+end)
+
 test("a rejected token and an unreachable server are reported", function()
   fresh()
   kodkod.config.token = "wrong"

@@ -260,9 +260,15 @@ function M.request()
   end)
 end
 
+M._show = show -- for the tests
+
 -- After each change in insert mode: drop what is shown, abort the request in flight,
 -- and ask again once the user pauses.
 function M.on_change()
+  local s = M.state.suggestion
+  if s and s.buf == vim.api.nvim_get_current_buf() and vim.api.nvim_buf_get_changedtick(s.buf) == s.tick then
+    return -- our own change (accept line), with the rest of the suggestion on offer
+  end
   M.cancel()
   M.clear()
   if not M.config.auto_trigger or M.state.status == "disabled" then
