@@ -20,6 +20,9 @@ export interface Query extends RequestInput {
   doc: string; // the document's URI
   offset: number; // the cursor's offset in the document
   manual?: boolean; // asked for by the user: no debounce
+  // Context that costs time to gather (declarations, snippets of other files): asked
+  // for only when a request is actually sent, after the debounce and the cache.
+  context?: () => Promise<Pick<RequestInput, "declarations" | "recent">>;
 }
 
 export interface Suggestion {
@@ -76,10 +79,15 @@ export class Completer {
         this.stats.debounced++;
         return undefined;
       }
+      const t0 = this.now();
+      const extra = q.context ? await q.context() : {};
+      if (ctl.signal.aborted) {
+        this.stats.debounced++;
+        return undefined;
+      }
       this.stats.requests++;
       this.setStatus({ kind: "loading" });
-      const t0 = this.now();
-      const res = await this.getClient().complete(buildRequest(q), ctl.signal);
+      const res = await this.getClient().complete(buildRequest({ ...q, ...extra }), ctl.signal);
       this.cache.set(q.doc, q.offset, q.prefix, q.suffix, res.id, res.text);
       this.setStatus({ kind: "ready", latencyMs: this.now() - t0 });
       return res.text ? { id: res.id, text: res.text, cached: false } : undefined;

@@ -83,9 +83,11 @@ export async function activate(context: vscode.ExtensionContext): Promise<Comple
           suffix: text.slice(offset),
           language: document.languageId,
           filepath: vscode.workspace.asRelativePath(document.uri),
-          declarations: await declarations(document, position, prefix),
-          recent: recentSnippets(recent, document, prefix),
           manual,
+          context: async () => ({
+            declarations: await declarations(document, position, prefix),
+            recent: recentSnippets(recent, document, prefix),
+          }),
         },
         cancel,
       );

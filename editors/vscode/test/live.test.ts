@@ -66,10 +66,20 @@ describe("vscode client against a live server", { skip }, () => {
     }
     assert.equal(c.stats.requests, 1);
     assert.equal(await served(), before); // no request reached the server
+    // context is gathered only for a request that is sent
+    let gathered = 0;
+    const context = async () => (gathered++, { declarations: [{ filepath: "m.py", body: "def helper(): pass" }] });
+    const p1 = PREFIX + s.text.slice(0, 1);
+    assert.ok((await c.provide({ ...Q, prefix: p1, offset: p1.length, context }))!.cached);
+    assert.equal(gathered, 0);
+    const p2 = PREFIX + "\u00b6";
+    await c.provide({ ...Q, prefix: p2, offset: p2.length, context });
+    assert.equal(gathered, 1);
+    assert.equal(c.stats.requests, 2);
     // typing something else asks the server again
     const p = PREFIX + "\u00a7";
     await c.provide({ ...Q, prefix: p, offset: p.length });
-    assert.equal(c.stats.requests, 2);
+    assert.equal(c.stats.requests, 3);
   });
 
   test("a new request aborts the one in flight: the server cancels it", async () => {
