@@ -95,4 +95,4 @@ def test_neovim_plugin_headless(server, nvim):
     print(f"Neovim {version}:\n{out}")
     assert r.returncode == 0, out
     assert "not ok" not in out
-    assert "8 passed, 0 failed" in out, out
+    assert "9 passed, 0 failed" in out, out

@@ -3,6 +3,8 @@
 --   nvim --headless -u NONE -i NONE -n --cmd "set rtp^=editors/neovim" -c "luafile editors/neovim/tests/run.lua"
 -- Prints one line per test, then "N passed, N failed", and exits non-zero on a failure.
 local url, tok = os.getenv("KODKOD_TEST_URL"), os.getenv("KODKOD_TEST_TOKEN")
+-- -u NONE loads no plugin scripts: load ours as a plugin manager would
+vim.cmd("runtime plugin/kodkod.lua")
 local kodkod = require("kodkod")
 kodkod.setup({ endpoint = url, token = tok, temperature = 0, debounce_ms = 30 })
 
@@ -159,6 +161,29 @@ test("a rejected token and an unreachable server are reported", function()
   check(vim.wait(5000, function() return kodkod.state.status == "error" end, 10), "no error")
   check(kodkod.state.message:find("unreachable at http://127.0.0.1:1", 1, true), kodkod.state.message)
   kodkod.config.endpoint = url
+end)
+
+test(":Kodkod status, disable and enable; disabled filetypes", function()
+  local notes = {}
+  local notify = vim.notify
+  vim.notify = function(msg, level) notes[#notes + 1] = { msg, level } end
+  vim.cmd("Kodkod status")
+  vim.notify = notify
+  check(notes[1][1]:match("^kodkod ready at " .. vim.pesc(url)), notes[1][1])
+  eq(notes[1][2], vim.log.levels.INFO, "level")
+  local buf = fresh()
+  vim.cmd("Kodkod disable")
+  vim.cmd("doautocmd TextChangedI")
+  vim.wait(200)
+  eq(kodkod.state.status, "disabled", "disabled")
+  check(kodkod.state.suggestion == nil, "nothing shown while disabled")
+  vim.cmd("Kodkod enable")
+  kodkod.config.disabled_filetypes = { "python" }
+  local n = kodkod.state.stats.requests
+  kodkod.request()
+  eq(kodkod.state.stats.requests, n, "no request for a disabled filetype")
+  kodkod.config.disabled_filetypes = {}
+  eq(vim.api.nvim_buf_get_lines(buf, 0, -1, false), LINES, "buffer untouched")
 end)
 
 test("endpoint and token from the environment when setup gives none", function()
