@@ -45,13 +45,14 @@ def _nvims() -> list:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     if not KODKOD.exists() or not MODEL.exists():
         pytest.skip(f"needs {KODKOD} and {MODEL}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "KODKOD_MAX_TOKENS": "512"}
+    # 512: the abort test asks for 500 tokens, about a second of decoding
+    env = {**os.environ, "KODKOD_MAX_TOKENS": "512", "KODKOD_HOME": str(tmp_path_factory.mktemp("kodkod-home"))}
     proc = subprocess.Popen(
         [str(KODKOD), "serve", "--model", str(MODEL), "--host", "127.0.0.1", "--port", str(port),
          "--device", "cpu", "--token", TOKEN],
