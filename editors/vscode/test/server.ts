@@ -2,7 +2,8 @@
 // live tests do. KODKOD_BIN overrides the server command (default: the repository's
 // .venv/bin/kodkod); tests skip with the reason when it is missing.
 import { spawn, ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { createServer } from "node:net";
 import * as path from "node:path";
 
@@ -40,7 +41,7 @@ export async function startServer(opts: { token?: string } = {}): Promise<Live> 
   const port = await freePort();
   const args = ["serve", "--model", MODEL, "--host", "127.0.0.1", "--port", String(port), "--device", "cpu"];
   if (opts.token) args.push("--token", opts.token);
-  const env = { ...process.env, KODKOD_MAX_TOKENS: "512", KODKOD_HOME: path.join(REPO, ".venv/kodkod-home-editors") };
+  const env = { ...process.env, KODKOD_MAX_TOKENS: "512", KODKOD_HOME: mkdtempSync(path.join(tmpdir(), "kodkod-home-")) };
   const proc = spawn(KODKOD_BIN, args, { env, stdio: ["ignore", "ignore", "pipe"] });
   let log = "";
   proc.stderr!.on("data", (d) => (log = (log + d).slice(-4000)));
