@@ -27,7 +27,10 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# editors/test.sh: the VS Code extension's tests (node), and a current Neovim for
+# tests/editors; each part is skipped with the reason where its tool is missing.
 test: install-dev
+	PY=$(PY) bash editors/test.sh
 	$(PY) -m pytest -q
 
 serve: install
