@@ -1,5 +1,6 @@
 -- Headless screenshot of ghost text: open a Python file, ask kodkod for a completion at the cursor,
 -- and dump the screen grid (characters and highlight ids) to $SHOT_OUT as JSON. See README, Editors.
+vim.cmd("runtime plugin/kodkod.lua")
 local kodkod = require("kodkod")
 kodkod.setup({ endpoint = os.getenv("KODKOD_TEST_URL"), temperature = 0, debounce_ms = 10 })
 vim.o.columns, vim.o.lines = 72, 14
