@@ -180,7 +180,8 @@ class EarlyStop:
     After each new complete line of raw text, post-process the complete lines. When
     post-processing drops at least one non-blank line at the end (the completion
     closed its scope, repeated itself, ran into the suffix...) and gives the same
-    text at two checkpoints in a row, more tokens cannot change the answer, so
+    text at two checkpoints in a row (or at once, when post-processing says its cut
+    is structural: `Completion.settled`), more tokens cannot change the answer, so
     nobody would read them: the caller stops the choice.
     """
 
@@ -209,7 +210,7 @@ class EarlyStop:
                 line.strip() for line in complete[len(text):].split("\n")):
             self.last = None
             return False
-        stable = self.last == text
+        stable = self.last == text or getattr(done, "settled", False)  # a structural cut is final at once
         self.last = text
         if stable:
             self.decisions = list(getattr(done, "decisions", []) or [])
