@@ -25,6 +25,9 @@ WINDOW_AFTER = 80
 class Completion:
     text: str
     decisions: list[str] = field(default_factory=list)
+    # The completion ended at a line that left the cursor's block or began the next statement
+    # (the indentation scope): more text after it cannot change the answer, so a server may stop.
+    settled: bool = False
 
 
 def _is_pure_closer(line: str, language: Language) -> bool:
@@ -201,14 +204,14 @@ def _next_indent(suffix: str) -> int | None:
     return None
 
 
-def _indent_scope(text: str, prefix: str, suffix: str, language: Language, d: list[str]) -> str:
+def _indent_scope(text: str, prefix: str, suffix: str, language: Language, d: list[str]) -> tuple[str, bool]:
     """For languages whose blocks end by indentation alone (Python): the completion ends where it
     leaves the cursor's block (a line indented less than the cursor line), even inside an `if` or a
     loop (the syntax cut knows only functions and classes). When the code after the cursor goes on
     in the same block, the editor is inserting between lines: the completion is one statement, the
     cursor line's, with its body and continuation lines (`elif`/`else`/`except`... included); when
     the code after it is indented deeper, the cursor line heads a block whose body is already
-    there: the completion is that line."""
+    there: the completion is that line. Returns the text and whether it was cut (settled)."""
     lines = text.split("\n")
     p_last = prefix.rsplit("\n", 1)[-1]
     cursor_line = p_last + lines[0]
@@ -224,15 +227,15 @@ def _indent_scope(text: str, prefix: str, suffix: str, language: Language, d: li
         balanced = not imbalance("\n".join(lines[:i]))
         if ind < base:
             d.append(f"cut before line {i + 1}: it leaves the cursor's block (indentation)")
-            return _drop_trailing_comments("\n".join(lines[:i]), language)
+            return _drop_trailing_comments("\n".join(lines[:i]), language), True
         if header and balanced:
             d.append(f"cut before line {i + 1}: the code after the cursor is this line's block")
-            return "\n".join(lines[:i]).rstrip()
+            return "\n".join(lines[:i]).rstrip(), True
         if one and ind == base and balanced and not _CLAUSE.match(line.strip()):
             d.append(f"cut before line {i + 1}: the code after the cursor goes on in this block, "
                      "so the completion is one statement")
-            return "\n".join(lines[:i]).rstrip()
-    return text
+            return "\n".join(lines[:i]).rstrip(), True
+    return text, False
 
 
 def _drop_else_repeating_suffix(text: str, suffix: str, d: list[str]) -> str:
@@ -301,6 +304,7 @@ def _indent_style(text: str, prefix: str, suffix: str, d: list[str]) -> str:
 
 def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt) -> Completion:
     d: list[str] = []
+    settled = False
     crlf = "\r\n" in segments.prefix or "\r\n" in segments.suffix
     prefix, suffix, text = to_lf(segments.prefix), to_lf(segments.suffix), to_lf(raw)
     hits = [(text.find(s), s) for s in prompt.stop_strings if s and s in text]
@@ -328,7 +332,7 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
         cut = _tree_cut(text, prefix, suffix, language, d) if language.grammar else None
         text = cut if cut is not None else _indent_cut(text, prefix, suffix, language, d)
         if not language.block_end and "\n" in text.strip("\n"):
-            text = _indent_scope(text, prefix, suffix, language, d)
+            text, settled = _indent_scope(text, prefix, suffix, language, d)
         text = _drop_suffix_repeat(text, suffix, d)
         text = _drop_else_repeating_suffix(text, suffix, d)
     merged = False
@@ -345,4 +349,4 @@ def postprocess(raw: str, segments: Segments, language: Language, prompt: Prompt
     if crlf and text:
         text = text.replace("\n", "\r\n")
         d.append("line endings: \\r\\n, as in the file")
-    return Completion(text=text, decisions=d)
+    return Completion(text=text, decisions=d, settled=settled)

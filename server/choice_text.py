@@ -13,7 +13,8 @@ A JSON answer streams nothing (`deltas=None`): its completion is always the post
 whole text. With `deltas="raw"` a stream gets the engine's text as it comes instead.
 
 The same checkpoints settle a choice early: when post-processing drops a non-blank line
-at the end and gives the same text at two checkpoints in a row, more tokens cannot
+at the end and gives the same text at two checkpoints in a row (or at once, when it says
+its cut is structural: the completion left the cursor's block), more tokens cannot
 change the answer, so nobody would read them (`settled`).
 """
 from __future__ import annotations
@@ -64,11 +65,11 @@ class ChoiceText:
         self._checked = end
         complete = self.raw[: end + 1]
         try:
-            accepted, _ = self.service.finish_text(complete, self.info)
+            accepted, _, structural = self.service.finish(complete, self.info)
         except Exception:  # post-processing of partial text must never break a completion
             self._post_failed = True
             return None
-        self._check_settled(complete, accepted.replace("\r\n", "\n"))
+        self._check_settled(complete, accepted.replace("\r\n", "\n"), structural)
         return accepted
 
     def finish(self) -> tuple[str, str, list[str]]:
@@ -80,11 +81,12 @@ class ChoiceText:
             return final[len(self.sent):], final, decisions
         return "", self.sent, decisions + ["kept the lines already streamed"]
 
-    def _check_settled(self, complete: str, cut: str) -> None:
+    def _check_settled(self, complete: str, cut: str, structural: bool = False) -> None:
         complete = complete.replace("\r\n", "\n")
         dropped = complete[len(cut):] if complete.startswith(cut) else ""
         if not cut.strip() or not any(line.strip() for line in dropped.split("\n")):
             self._last_cut = None
             return
-        self.settled = self._last_cut == cut
+        # the same cut twice in a row, or once when post-processing says its cut is structural
+        self.settled = self._last_cut == cut or structural
         self._last_cut = cut

@@ -167,10 +167,16 @@ class CompletionService:
 
     # ---- finishing ----
     def finish_text(self, raw_text: str, info: Prepared) -> tuple[str, list[str]]:
+        text, decisions, _ = self.finish(raw_text, info)
+        return text, decisions
+
+    def finish(self, raw_text: str, info: Prepared) -> tuple[str, list[str], bool]:
+        """(post-processed text, decisions, settled): settled when post-processing's cut is structural
+        (the completion left the cursor's block), so that more tokens cannot change the answer."""
         if info.raw:
-            return raw_text, []
+            return raw_text, [], False
         done = postprocess(raw_text, info.segments, info.lang, info.prompt)
-        return done.text, list(done.decisions)
+        return done.text, list(done.decisions), bool(done.settled)
 
     @staticmethod
     def client_line_endings(text: str, info: Prepared) -> str:

@@ -33,6 +33,7 @@ class Prepared:
     info: object          # server.completion.Prepared (prompt, segments, lang): what post-processing needs
     prompt_sha: str       # identifies the prompt: equal prompts share one generation
     prompt_tokens: int
+    params: object = None            # engine.GenerationParams (LocalCompleter) or max_tokens (HttpCompleter)
     server_text: str | None = None   # kodkod's completion as a server returned it (HttpCompleter)
     server_seconds: float | None = None
 
@@ -70,8 +71,9 @@ class LocalCompleter:
         info, plan = self.service._prepare(req)
         if variant == "no-ts-context":
             info = self._without_tree_sitter(info)
-        self._params = dataclasses.replace(plan[0][1], stop_strings=())
-        return Prepared(info=info, prompt_sha=_sha(list(info.prompt.ids)), prompt_tokens=len(info.prompt.ids))
+        params = dataclasses.replace(plan[0][1], stop_strings=())
+        return Prepared(info=info, prompt_sha=_sha(list(info.prompt.ids)), prompt_tokens=len(info.prompt.ids),
+                        params=params)
 
     def _without_tree_sitter(self, info):
         """The same request, its prompt built for a Python without its grammar (no tree-sitter
@@ -85,7 +87,7 @@ class LocalCompleter:
 
     def stream(self, prepared: Prepared, cancel) -> Iterator[str]:
         """The raw text of each generated token, until the end, the cap, or `cancel` is set."""
-        for ev in self.engine.generate(list(prepared.info.prompt.ids), self._params, cancel):
+        for ev in self.engine.generate(list(prepared.info.prompt.ids), prepared.params, cancel):
             if ev.finish_reason is not None:
                 if ev.text:
                     yield ev.text
@@ -123,13 +125,12 @@ class HttpCompleter:
         prompt_text = data.get("debug_data", {}).get("prompt") or ""
         segs = Segments(prefix=task.prefix, suffix=task.suffix, filepath=FILEPATH)
         info = _UrlInfo(prompt_text=prompt_text, segments=segs, lang=resolve_language(LANGUAGE, FILEPATH))
-        self._max_tokens = max_tokens
-        return Prepared(info=info, prompt_sha=_sha(prompt_text), prompt_tokens=-1,
+        return Prepared(info=info, prompt_sha=_sha(prompt_text), prompt_tokens=-1, params=max_tokens,
                         server_text=data["choices"][0]["text"], server_seconds=seconds)
 
     def stream(self, prepared: Prepared, cancel) -> Iterator[str]:
         body = {"debug_options": {"raw_prompt": prepared.info.prompt_text}, "stream": True,
-                "max_tokens": self._max_tokens, "temperature": 0.0, "seed": 0}
+                "max_tokens": prepared.params, "temperature": 0.0, "seed": 0}
         with self.client.stream("POST", "/v1/completions", json=body) as r:
             r.raise_for_status()
             for line in r.iter_lines():

@@ -4,7 +4,7 @@ and after how many tokens its server would have stopped generating.
 - raw:    the model's own output, to its end token or the token cap.
 - kodkod: kodkod's post-processing (languages.postprocess, through CompletionService.finish_text);
           the server stops at the prompt's stop strings or when post-processing has settled
-          (server.completion.EarlyStop), exactly as `kodkod serve` does.
+          (server.choice_text.ChoiceText.settled), exactly as `kodkod serve` does.
 - tabby:  Tabby's rules (tabby_rules.py): stop words, 64 tokens at most, one line mid-line.
 
 `kodkod-no-ts-context` is kodkod on a second prompt, built without tree-sitter (completers.VARIANTS).

@@ -136,7 +136,8 @@ class Evaluator:
                 break
         getattr(gen, "close", lambda: None)()
         rec = {"key": key, "task": task.id, "variant": variant, "pieces": pieces, "times": times,
-               "prompt_tokens": prepared.prompt_tokens, "complete": not cancel.is_set(),
+               "prompt_tokens": prepared.prompt_tokens,
+               "complete": bool(wanted) and not cancel.is_set(),  # ran to its end: any configuration can use it
                "settled": sorted(stopper.stops), "server_text": prepared.server_text,
                "server_seconds": prepared.server_seconds}
         self.generations.put(rec)

@@ -114,6 +114,8 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S,
         return RunResult(True, "passed", "", seconds)
     lines = [l for l in err.decode("utf-8", "replace").splitlines() if l.strip()]
     detail = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+    if proc.returncode == -signal.SIGXCPU:  # its CPU-time limit: a time limit too
+        return RunResult(False, "timeout", f"over {cpu_s} s of CPU time", seconds)
     if proc.returncode < 0:
         detail = f"killed by signal {-proc.returncode} ({signal.Signals(-proc.returncode).name})"
     return RunResult(False, "failed", detail, seconds)
