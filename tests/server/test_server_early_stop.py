@@ -48,14 +48,12 @@ def test_a_structural_cut_stops_at_once(engine, make_config):
     """A Python line that leaves the cursor's block (or starts the next statement of a block the
     suffix goes on with) settles the completion at the first checkpoint."""
     svc, info = _prepared(engine, make_config(), "def f(xs):\n    if not xs:\n        ", "\n    return xs\n")
-    es = svc.early_stop(info)
-    assert not es.check("return []\n")
-    assert es.check("return []\n    xs = [1]\n")
+    assert _settles(svc, info, ["return []\n", "return []\n    xs = [1]\n"]) == [False, True]
     svc, info = _prepared(engine, make_config(), "def f(xs):\n    ", "\n    return xs\n")
-    es = svc.early_stop(info)
-    assert not es.check("if xs:\n        xs = xs[1:]\n")
-    assert not es.check("if xs:\n        xs = xs[1:]\n    else:\n        xs = []\n")  # a clause goes on
-    assert es.check("if xs:\n        xs = xs[1:]\n    else:\n        xs = []\n    y = 2\n")
+    assert _settles(svc, info, ["if xs:\n        xs = xs[1:]\n",
+                                "if xs:\n        xs = xs[1:]\n    else:\n        xs = []\n",  # a clause goes on
+                                "if xs:\n        xs = xs[1:]\n    else:\n        xs = []\n    y = 2\n"]) == [
+        False, False, True]
 
 
 def test_stop_choice_ends_one_choice_within_one_step(engine, make_config):
