@@ -8,7 +8,6 @@ handlers and the metrics middleware.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from contextlib import asynccontextmanager
 
@@ -23,28 +22,9 @@ from .metrics import Metrics
 from .routes import ROUTE_PATHS, ROUTES
 from .state import Server, error_response
 
+from .machine import cpu_name, cuda_devices
+
 log = logging.getLogger("kodkod.server")
-
-
-def _cpu_info() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cuda_devices() -> list[str]:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except Exception:
-        pass
-    return []
 
 
 # ---------------------------------------------------------------- errors, metrics middleware
@@ -94,8 +74,8 @@ def create_app(config: ServerConfig | None = None, engine=None, worker=None) -> 
     """The ASGI app. The worker starts with the app's lifespan (or on first use)."""
     config = config or ServerConfig()
     srv = Server(config, engine, worker)
-    srv.cpu_info = _cpu_info()
-    srv.cuda_devices = _cuda_devices() if engine is not None and "cuda" in str(engine.info().get("device")) else []
+    srv.cpu_info = cpu_name()
+    srv.cuda_devices = cuda_devices() if engine is not None and "cuda" in str(engine.info().get("device")) else []
     srv.build_date = time.strftime("%Y-%m-%d", time.gmtime())
 
     @asynccontextmanager

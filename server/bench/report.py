@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from server.machine import cpu_name, cuda_devices
+
 
 def run_meta(argv: list[str] | None = None) -> dict:
     """Where and how a number was made: machine, commit, date, the exact command."""
@@ -18,7 +20,7 @@ def run_meta(argv: list[str] | None = None) -> dict:
         "command": "kodkod " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores" + _gpu_name(),
+        "machine": ", ".join([cpu_name(), f"{os.cpu_count()} cores", *cuda_devices()[:1]]),
         "python": platform.python_version(),
     }
 
@@ -32,27 +34,6 @@ def _commit() -> str | None:
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str:
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return ", " + torch.cuda.get_device_name(0)
-    except Exception:
-        pass
-    return ""
 
 
 def write_json(path: Path, data) -> None:
