@@ -89,6 +89,11 @@ def filter_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     return torch.maximum(th, ordered.gather(0, last.view(1))[0])
 
 
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """The repetition penalty over a seen-token mask (apply_repetition_penalty's rule, graph-safe)."""
+    return torch.where(seen.bool(), torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def draw(logits: torch.Tensor, seen: torch.Tensor, params: torch.Tensor, seed: torch.Tensor,
          step: torch.Tensor) -> torch.Tensor:
     """The torch twin of csrc/sampling.cu's kernel: the token id (0-d int64 tensor).
@@ -96,7 +101,7 @@ def draw(logits: torch.Tensor, seen: torch.Tensor, params: torch.Tensor, seed: t
     params = [temperature, penalty, threshold on logit / T (-inf: keep all)].
     """
     temperature, penalty, threshold = params[0], params[1], params[2]
-    v = torch.where(seen.bool(), torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    v = penalize(logits, seen, penalty)
     scaled = v / temperature.clamp(min=1e-30)
     noisy = torch.where(scaled >= threshold, scaled + gumbel_noise(seed, step, v.numel()),
                         torch.full_like(v, -math.inf))
@@ -134,8 +139,7 @@ class Sampler:
         """Draw into self.token (and count the step; advance `pos` if given). Graph-safe."""
         if self.filtered:
             t = self.params[0].clamp(min=1e-30)
-            v = torch.where(self.seen.bool(), torch.where(logits > 0, logits / self.params[1],
-                                                          logits * self.params[1]), logits)
+            v = penalize(logits, self.seen, self.params[1])
             self.params[2:3].copy_(filter_threshold(v / t, self.filters[0].long(), self.filters[1],
                                                     self.filters[2]).view(1))
         if self.ext is not None:

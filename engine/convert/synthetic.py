@@ -8,7 +8,6 @@ the directory is written exactly as `kodkod convert` writes one.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -110,6 +109,3 @@ def exl2_bytes(path: str | Path) -> int:
                     total += n * {"I32": 4, "F16": 2, "I16": 2, "F32": 4}.get(t.get_dtype(), 2)
     return total
 
-
-def describe(path: str | Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())

@@ -41,22 +41,15 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
+# How each kind of column is written in a table.
+_FORMATS = {"pct": lambda v: f"{100 * v:.1f}%", "ms": lambda v: f"{1000 * v:.0f}", "int": lambda v: f"{v:.0f}",
+            "f1": lambda v: f"{v:.1f}", "f2": lambda v: f"{v:.2f}", "f3": lambda v: f"{v:.3f}"}
+
+
 def _fmt(value, kind: str) -> str:
     if value is None:
         return "-"
-    if kind == "pct":
-        return f"{100 * value:.1f}%"
-    if kind == "ms":
-        return f"{1000 * value:.0f}"
-    if kind == "int":
-        return f"{value:.0f}"
-    if kind == "f1":
-        return f"{value:.1f}"
-    if kind == "f2":
-        return f"{value:.2f}"
-    if kind == "f3":
-        return f"{value:.3f}"
-    return str(value)
+    return _FORMATS.get(kind, str)(value)
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

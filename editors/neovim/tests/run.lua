@@ -56,10 +56,16 @@ local function fresh()
   return vim.api.nvim_get_current_buf()
 end
 
-test("ghost text appears at the cursor", function()
+-- A fresh buffer with a suggestion shown at the cursor.
+local function shown()
   local buf = fresh()
   kodkod.request()
   check(vim.wait(10000, kodkod.visible, 10), "no suggestion: " .. kodkod.status_line())
+  return buf
+end
+
+test("ghost text appears at the cursor", function()
+  local buf = shown()
   local s = kodkod.state.suggestion
   check(#s.text > 0)
   local marks = vim.api.nvim_buf_get_extmarks(buf, vim.api.nvim_create_namespace("kodkod"), 0, -1, { details = true })
@@ -73,9 +79,7 @@ test("ghost text appears at the cursor", function()
 end)
 
 test("accepting inserts exactly the suggestion and leaves the rest of the buffer", function()
-  local buf = fresh()
-  kodkod.request()
-  check(vim.wait(10000, kodkod.visible, 10), "no suggestion: " .. kodkod.status_line())
+  local buf = shown()
   local text = kodkod.state.suggestion.text
   local before = table.concat(LINES, "\n")
   local offset = #LINES[1] + 1 + 4
@@ -122,9 +126,7 @@ test("the accept key falls back to the key itself when nothing is shown", functi
 end)
 
 test("the accept key accepts a shown suggestion in insert mode", function()
-  local buf = fresh()
-  kodkod.request()
-  check(vim.wait(10000, kodkod.visible, 10), "no suggestion: " .. kodkod.status_line())
+  local buf = shown()
   local text = kodkod.state.suggestion.text
   -- "i" enters insert mode before the x, where the suggestion is; Tab accepts it
   vim.api.nvim_feedkeys(vim.api.nvim_replace_termcodes("i<Tab><Esc>", true, false, true), "x", false)
@@ -190,9 +192,7 @@ test("endpoint and token from the environment when setup gives none", function()
   local saved = { kodkod.config.endpoint, kodkod.config.token }
   kodkod.config.endpoint, kodkod.config.token = nil, nil
   vim.env.KODKOD_ENDPOINT, vim.env.KODKOD_TOKEN = url .. "/", tok
-  fresh()
-  kodkod.request()
-  check(vim.wait(10000, kodkod.visible, 10), "no suggestion: " .. kodkod.status_line())
+  shown()
   kodkod.config.endpoint, kodkod.config.token = saved[1], saved[2]
 end)
 
