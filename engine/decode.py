@@ -40,8 +40,8 @@ class Decoder:
         self._prefill_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         if use_graphs:
             model.rope.ensure(cache.max_len)  # graph-safe steps only look rows up
-            n = max(b for b in PREFILL_BUCKETS if b <= cache.max_len) if cache.max_len >= 16 else 0
             self.buckets = tuple(b for b in PREFILL_BUCKETS if b <= cache.max_len)
+            n = max(self.buckets, default=0)
             self._pf_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
             self._pf_pos = torch.zeros(n, dtype=torch.int64, device=self.device)
             self._pf_last = torch.zeros(1, dtype=torch.int64, device=self.device)

@@ -54,11 +54,11 @@ class Linear(nn.Module):
 class EXL2Linear(nn.Module):
     """An EXL2 layer in its packed form: q_weight [QR, N], perm [K], q_scale, q_scale_max, chunks.
 
-    `forward` is the torch twin: dequantize (cached on request) and matmul.
+    `forward` is the torch twin: dequantize (cached on the torch path) and matmul.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
-                 bias: torch.Tensor | None, dtype: torch.dtype, cache_dense: bool = True):
+                 bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         q_weight = tensors["q_weight"]
         invperm = tensors["q_invperm"].to(torch.int64)
@@ -78,25 +78,18 @@ class EXL2Linear(nn.Module):
         self.register_buffer("q_scale", tensors["q_scale"].contiguous())
         self.register_buffer("q_scale_max", tensors["q_scale_max"].to(torch.float16).contiguous())
         self.register_buffer("q_invperm", invperm.to(torch.int32))
+        self.register_buffer("q_groups", tensors["q_groups"].to(torch.int16))
         self.register_buffer("perm", perm.to(torch.int32))
         self.register_buffer("chunks", chunks.to(q_weight.device))
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.out_features, self.in_features = out_features, in_features
-        self.dtype, self.cache_dense = dtype, cache_dense
+        self.dtype = dtype
         self._dense: torch.Tensor | None = None
         self.kernel_matrix = None
         self._ext = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"q_weight": self.q_weight, "q_invperm": self.q_invperm, "q_scale": self.q_scale,
-                "q_scale_max": self.q_scale_max,
-                "q_groups": torch.tensor([v for g in self._group_starts() for v in g], dtype=torch.int16)}
-
-    def _group_starts(self):
-        start = 0
-        for g in self.groups:
-            yield g.bits, start
-            start += -(-g.rows * g.bits // 32)
+        return {s: getattr(self, s) for s in exl2.SUFFIXES}
 
     def dequantized(self, block: int = 8192) -> torch.Tensor:
         """The HF weight [out, in] in fp32 (the reference dequantization), `block` columns at a time so
@@ -114,11 +107,11 @@ class EXL2Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight [out, in] in the layer's dtype (cached when cache_dense)."""
+        """The dense weight [out, in] in the layer's dtype; cached unless the kernels run the layer."""
         if self._dense is not None:
             return self._dense
         w = self.dequantized().to(self.dtype)
-        if self.cache_dense:
+        if self.kernel_matrix is None:
             self._dense = w
         return w
 
@@ -131,7 +124,6 @@ class EXL2Linear(nn.Module):
         """Use the kernels: a one-token input runs the GEMV, longer ones dequantize into scratch + matmul."""
         self._ext, self._scratch = ext, scratch
         self._dense = None
-        self.cache_dense = False
         self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
                                              self.perm, _half(self.bias), self.out_features, self.x_len)
 
