@@ -105,6 +105,43 @@ class Decoder:
             graph.replay()
         self.host_pos += 1
 
+    @torch.inference_mode()
+    def verify(self, tokens: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] of `tokens` fed at positions host_pos.. in one forward pass, their
+        keys/values written into the cache: the speculative step. tokens[0] is the token the last
+        draw made (what decode() would feed), the rest a draft. Rows of draft tokens that `accept`
+        rejects stay in the cache until later writes at those positions replace them; nothing
+        reads them before (attention masks by position). On a GPU this is the static form (device
+        positions, the whole cache under a mask), eager for now: it runs the model's T-token
+        forward, the same one for TorchDecoder and FastDecoder."""
+        t = torch.tensor(tokens, dtype=torch.int64, device=self.device)
+        positions = torch.arange(self.host_pos, self.host_pos + len(tokens), device=self.device)
+        if self.use_graphs:
+            return self.model(t, positions, self.cache, graph_safe=True)
+        return self.model(t, positions, self.cache, start=self.host_pos)
+
+    @torch.inference_mode()
+    def accept(self, draft: list[int], logits: torch.Tensor) -> list[int]:
+        """Draw from verify's rows in turn, exactly as decode() would have drawn (same sampler, same
+        step counter, same seen tokens), and stop at the first draw that differs from the draft.
+        Returns the new tokens: the accepted draft tokens, then the draw that ended the run (a
+        correction, or the bonus token after a fully accepted draft).
+
+        Why this is the speculative sampling rule: the draft is a point mass on d, and the draw is
+        Gumbel-max with noise fixed by (seed, step), so it equals d with probability p(d), and when
+        it does not, it is a draw from p with d removed and renormalized. Greedy output, and
+        sampled output for a given seed, are token for token those of plain decoding."""
+        base, out = self.host_pos, []
+        for j in range(len(draft) + 1):
+            self.pos.fill_(base + j)  # the draw advances it to base + j + 1
+            self.sampler(logits[j], self.pos)
+            token = int(self.sampler.token.item())
+            out.append(token)
+            if j == len(draft) or token != draft[j]:
+                break
+        self.host_pos = base + len(out)
+        return out
+
     def _capture(self, body=None) -> torch.cuda.CUDAGraph:
         """Capture `body` (default: the decode step) with the buffers as they are, into one memory pool
         shared by all graphs (they never run at once). Warm-up runs write cache rows at positions that

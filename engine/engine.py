@@ -13,15 +13,23 @@ from . import kernels
 from .config import ModelConfig, ModelError
 from .decode import FastDecoder, TorchDecoder, fast_path_blocker, prepare_fast_path
 from .kv_cache import KVCache
+from .kv_pool import KVPool
 from .linear import EXL2Linear
 from .loader import TensorStore, build_transformer
 from .params import GenerationParams, TokenEvent
 from .sampling import Sampler
+from .speculate import PromptLookup
 from .tokenizer import StreamDecoder, Tokenizer
 
 BACKENDS = ("auto", "cuda", "torch")
 
+# Engine.stats: cumulative counters (the server's /metrics reads them)
+STAT_NAMES = ("prompt_tokens_cached", "prompt_tokens_prefilled", "draft_tokens", "accepted_tokens",
+              "verify_steps")
+
 DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_KV_POOL_MB = 512
+DEFAULT_DRAFT_TOKENS = 0  # prompt-lookup speculation is off unless asked for (server: --draft-tokens)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -35,13 +43,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 class Engine:
     def __init__(self, path: Path, config: ModelConfig, model, tokenizer: Tokenizer, device: torch.device,
-                 dtype: torch.dtype, max_seq_len: int, quantized: bool, backend: str = "auto"):
+                 dtype: torch.dtype, max_seq_len: int, quantized: bool, backend: str = "auto",
+                 kv_pool_mb: float = DEFAULT_KV_POOL_MB, draft_tokens: int = DEFAULT_DRAFT_TOKENS):
         self.path, self.config, self.model, self.tokenizer = path, config, model, tokenizer
         self.device, self.dtype, self.quantized = device, dtype, quantized
         self.max_seq_len = max_seq_len
         self.cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, max_seq_len, device, dtype)
         self.stop_ids = frozenset(tokenizer.eos_token_ids) | frozenset(config.eos_token_ids)
         self.decode_steps = 0
+        # prompt reuse and speculation: both change only how much work a generation takes, never its output
+        self.reuse_prompts = True  # False: every prompt is prefilled whole (benchmarks' baseline)
+        self.kv_pool = KVPool(int(kv_pool_mb * 2**20))
+        self.draft_tokens = draft_tokens  # longest prompt-lookup draft per step; 0: plain decoding
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
         self._lock = threading.Lock()
         self.backend, self.backend_reason = self._choose_backend(backend)
         ext = kernels.load() if self.backend == "cuda" else None
@@ -81,6 +95,8 @@ class Engine:
             finally:
                 self.stop_ids = saved
         self.cache.ids = []
+        self.kv_pool.clear()
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
 
     def info(self) -> dict:
         q = self.config.quantization or {}
@@ -133,23 +149,25 @@ class Engine:
             stop_ids = self.stop_ids | frozenset(params.stop_token_ids)
             decoder = StreamDecoder(self.tokenizer, prompt_ids)
             stops = StopStrings(params.stop_strings)
+            lookup = PromptLookup(prompt_ids) if self.draft_tokens > 0 else None
+            pending: list[int] = []  # tokens one forward pass made that are not yielded yet
             finish = "length"
             for i in range(params.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-                if i == 0:
-                    start = self.cache.reusable(prompt_ids)
-                    del self.cache.ids[start:]
-                    self.decoder.prefill(prompt_ids[start:], start)
-                    self.cache.ids.extend(prompt_ids[start:])
-                else:
-                    if len(self.cache.ids) >= self.max_seq_len:
-                        break
-                    self.decoder.decode()
-                    self.cache.ids.append(token)
-                self.decode_steps += 1
-                token = int(self.sampler.token.item())
+                if not pending:
+                    if i == 0:
+                        self._prefill(prompt_ids)
+                        pending = [int(self.sampler.token.item())]
+                    else:
+                        if len(self.cache.ids) >= self.max_seq_len:
+                            break
+                        pending = self._step(token, lookup, params.max_new_tokens - i)
+                    self.decode_steps += 1
+                token = pending.pop(0)
+                if lookup is not None:
+                    lookup.push(token)
                 if token in stop_ids:
                     finish = "stop"
                     break
@@ -162,6 +180,36 @@ class Engine:
             yield TokenEvent(None, tail, finish)
         finally:
             self._lock.release()
+
+    def _prefill(self, ids: list[int]) -> None:
+        """Run the prompt after the longest prefix the cache (or the pool, copied in) already holds."""
+        start = 0
+        if self.reuse_prompts:
+            start = self.kv_pool.restore(ids, self.cache, self.cache.reusable(ids))
+        del self.cache.ids[start:]
+        self.decoder.prefill(ids[start:], start)
+        self.cache.ids.extend(ids[start:])
+        self.stats["prompt_tokens_cached"] += start
+        self.stats["prompt_tokens_prefilled"] += len(ids) - start
+        if self.reuse_prompts:
+            self.kv_pool.save(ids, self.cache)
+
+    def _step(self, last: int, lookup: PromptLookup | None, left: int) -> list[int]:
+        """One forward pass after `last` (the token the previous draw made): a plain decode step, or
+        `last` plus a prompt-lookup draft verified at once. Returns the new tokens (at least one)."""
+        room = min(self.draft_tokens, left - 1, self.max_seq_len - len(self.cache.ids) - 1)
+        draft = lookup.draft(room) if lookup is not None and room > 0 else []
+        if not draft:
+            self.decoder.decode()
+            self.cache.ids.append(last)
+            return [int(self.sampler.token.item())]
+        logits = self.decoder.verify([last] + draft)
+        new = self.decoder.accept(draft, logits)
+        self.cache.ids += [last] + draft[:len(new) - 1]  # the rows a rejected draft left are not the cache's
+        self.stats["verify_steps"] += 1
+        self.stats["draft_tokens"] += len(draft)
+        self.stats["accepted_tokens"] += len(new) - 1
+        return new
 
 
 class StopStrings:
@@ -195,7 +243,8 @@ class StopStrings:
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = None,
-               max_seq_len: int = DEFAULT_MAX_SEQ_LEN, progress: bool | None = None, backend: str = "auto") -> Engine:
+               max_seq_len: int = DEFAULT_MAX_SEQ_LEN, progress: bool | None = None, backend: str = "auto",
+               kv_pool_mb: float = DEFAULT_KV_POOL_MB, draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> Engine:
     """Load an EXL2 or plain HF model directory (a progress bar on a terminal, unless progress=False).
 
     backend: "auto" runs the CUDA kernels where they can run (a GPU, fp16, the kernels built) and the
@@ -214,4 +263,4 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     tok = Tokenizer.from_dir(path, cfg.eos_token_ids, cfg.bos_token_id)
     max_seq_len = min(max_seq_len, max(cfg.max_position_embeddings, 1))
     quantized = store.is_quantized()
-    return Engine(path, cfg, model, tok, dev, dtype, max_seq_len, quantized, backend)
+    return Engine(path, cfg, model, tok, dev, dtype, max_seq_len, quantized, backend, kv_pool_mb, draft_tokens)

@@ -1,0 +1,123 @@
+"""A pool of recent prompts' key/value rows, so a prompt that shares its start with any of them
+(the user typed on, or came back to a file) only prefills what follows the shared part.
+
+The static cache (kv_cache.KVCache) holds one sequence, and CUDA graphs captured its addresses, so
+the pool never swaps tensors in: it keeps copies of cache rows and copies the rows of the best
+match back into the static cache (one device copy per tensor). Entries live on the cache's device,
+in its dtype, bounded by a byte budget; the least recently used entry goes first.
+
+Keystrokes make prompts that share almost everything with the one before, so a new prompt that
+shares at least half of an entry's tokens replaces that entry in place (only the rows after the
+shared part are copied) instead of adding a near-duplicate: the pool holds one entry per place
+the user works in, not one per keystroke.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .kv_cache import KVCache
+
+ROW_GRANULE = 256  # entries grow in steps of this many rows (fewer reallocations while typing)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two 1-D integer arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class _Entry:
+    def __init__(self, cache: KVCache, rows: int):
+        cap = -(-rows // ROW_GRANULE) * ROW_GRANULE
+        shape = (cache.k.shape[0], min(cap, cache.max_len), *cache.k.shape[2:])
+        self.k = torch.empty(shape, dtype=cache.k.dtype, device=cache.k.device)
+        self.v = torch.empty_like(self.k)
+        self.ids = np.zeros(0, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class KVPool:
+    """Recent prompts' cache rows under a byte budget (0: the pool is off)."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = max(0, int(budget_bytes))
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self._next_key = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def _best(self, ids: np.ndarray) -> tuple[int | None, int]:
+        best, best_n = None, 0
+        for key, e in self._entries.items():
+            n = common_prefix(e.ids, ids)
+            if n > best_n:
+                best, best_n = key, n
+        return best, best_n
+
+    def restore(self, ids: list[int], cache: KVCache, have: int) -> int:
+        """Copy into `cache` the rows of the entry sharing the longest prefix with `ids`, if it shares
+        more than the `have` tokens the cache already holds; returns how many leading tokens of `ids`
+        the cache holds now (always leaving the last one to run, as KVCache.reusable does)."""
+        if not self._entries or len(ids) < 2:
+            return have
+        key, n = self._best(np.asarray(ids[:-1], dtype=np.int64))
+        if key is None or n <= have:
+            return have
+        e = self._entries[key]
+        self._entries.move_to_end(key)
+        cache.k[:, :n].copy_(e.k[:, :n])
+        cache.v[:, :n].copy_(e.v[:, :n])
+        cache.ids = list(ids[:n])
+        return n
+
+    def save(self, ids: list[int], cache: KVCache) -> None:
+        """Keep the cache rows of `ids` (just prefilled, so rows [0, len(ids)) of `cache` are theirs)."""
+        if self.budget_bytes == 0 or not ids:
+            return
+        a = np.asarray(ids, dtype=np.int64)
+        key, shared = self._best(a)
+        if key is not None and 2 * shared < len(self._entries[key].ids):
+            key, shared = None, 0  # another place in the code: a new entry
+        if key is None:
+            key, self._next_key = self._next_key, self._next_key + 1
+            self._entries[key] = _Entry(cache, len(ids))
+        e = self._entries[key]
+        self._entries.move_to_end(key)
+        if len(ids) > e.capacity:
+            grown = _Entry(cache, len(ids) + len(ids) // 4)
+            grown.k[:, :shared].copy_(e.k[:, :shared])
+            grown.v[:, :shared].copy_(e.v[:, :shared])
+            e = self._entries[key] = grown
+        e.k[:, shared:len(ids)].copy_(cache.k[:, shared:len(ids)])
+        e.v[:, shared:len(ids)].copy_(cache.v[:, shared:len(ids)])
+        e.ids = a
+        self._evict(keep=key)
+
+    def _evict(self, keep: int) -> None:
+        total = self.nbytes
+        for key in list(self._entries):
+            if total <= self.budget_bytes:
+                return
+            if key != keep:
+                total -= self._entries.pop(key).nbytes
+        if total > self.budget_bytes:  # the newest alone is over the budget
+            self._entries.pop(keep, None)
