@@ -57,6 +57,12 @@ class ServerConfig(BaseModel):
     upstream_model: str | None = Field(None, description="model name to ask the upstreams for; "
                                                          "default: the first one their /v1/models lists")
     upstream_token: str | None = Field(None, description="bearer token for the upstreams")
+    # prompt reuse and speculation (engine/kv_pool.py, engine/speculate.py): less work, the same output
+    kv_pool_mb: int = Field(512, ge=0, le=1_000_000, description="memory (MiB, on the model's device) for the "
+                            "KV rows of recent prompts, so a prompt sharing its start with one of them prefills "
+                            "only the rest; 0: reuse only the previous prompt's")
+    draft_tokens: int = Field(0, ge=0, le=32, description="prompt-lookup speculative decoding: longest draft "
+                              "verified per forward pass; 0: off")
 
     @field_validator("upstreams", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 from .auth import TokenAuth
 from .completion import CompletionService, Prepared
 from .config import ServerConfig
+from .engine_metrics import EngineStatsCollector
 from .errors import ApiError
 from .events_log import EventLog
 from .metrics import Metrics
@@ -39,6 +40,8 @@ class Server:
         self.engine = engine
         self.auth = TokenAuth(config.tokens)
         self.metrics = Metrics()
+        if engine is not None:
+            self.metrics.registry.register(EngineStatsCollector(engine))
         self.log = EventLog(config.events_path)
         self.service = CompletionService(engine, config)
         # the local engine's worker thread, or the remote engine's dispatcher (server/remote.py)

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="base URL of an OpenAI-compatible server (repeatable: round robin with failover)")
     p.add_argument("--upstream-model", help="model name to ask the upstreams for (default: the one they list)")
     p.add_argument("--upstream-token", help="bearer token for the upstreams")
+    p.add_argument("--kv-pool-mb", type=int, help="memory for recent prompts' KV rows, MiB (default 512; 0: off)")
+    p.add_argument("--draft-tokens", type=int, help="prompt-lookup speculative decoding: longest draft (default 0: off)")
 
 
 def resolve_model(name: str | None, home: Path) -> Path:
@@ -53,7 +55,7 @@ def run(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per upstream request
     cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "tokens", "log_prompts",
                                                  "timeout_s", "queue_size", "engine", "upstreams",
-                                                 "upstream_model", "upstream_token")}
+                                                 "upstream_model", "upstream_token", "kv_pool_mb", "draft_tokens")}
     try:
         config = load_config(cli, config_file=args.config)
     except ConfigError as exc:
@@ -87,7 +89,8 @@ def _local_app(config, path: Path):
     from server.commands.common import load_engine
 
     print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
-    engine = load_engine(path, device=config.device, backend=config.backend)
+    engine = load_engine(path, device=config.device, backend=config.backend, kv_pool_mb=config.kv_pool_mb,
+                         draft_tokens=config.draft_tokens)
     _warm_up(engine)
     return create_app(config, engine)
 

