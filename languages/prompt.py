@@ -8,6 +8,7 @@ pre-tokenizers split anyway.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 from .context import file_signatures, render_block, request_blocks
@@ -122,6 +123,41 @@ def _import_groups(lines: list[str], stop: int, language: Language) -> list[list
     return groups
 
 
+# The elided prefix window starts only at anchor lines: non-blank lines whose text hashes to 0
+# modulo ANCHOR_EVERY (about one line in 8). Anchors belong to the text, not to line numbers, so
+# while the user types (the cursor line grows, lines are added or removed above) the window keeps
+# its first line, and the engine's cached keys/values of the prompt's start stay valid
+# (engine/kv_pool.py). Where the window is too short for one, coarser levels give way to finer ones
+# (a line that hashes to 0 modulo 8 does so modulo 4, 2 and 1: the levels nest).
+ANCHOR_EVERY = 8
+ANCHOR_LEVELS = (8, 4, 2, 1)
+CURSOR_LINE_STEP = 32  # tokens
+
+
+def _line_hash(line: str) -> int | None:
+    s = line.strip()
+    return zlib.crc32(s.encode("utf-8", "surrogatepass")) if s else None
+
+
+def _is_anchor(line: str, every: int = ANCHOR_EVERY) -> bool:
+    h = _line_hash(line)
+    return h is not None and h % every == 0
+
+
+def _anchor_at_or_after(lines: list[str], i: int, stop: int) -> int | None:
+    """The first anchor line in [i, stop), at the coarsest level that has one."""
+    for every in ANCHOR_LEVELS:
+        j = next((j for j in range(i, stop) if _is_anchor(lines[j], every)), None)
+        if j is not None:
+            return j
+    return None
+
+
+def _anchor_before(lines: list[str], i: int, every: int) -> int:
+    """The nearest anchor line (of level `every`) before i; the file's first line counts as one."""
+    return next((j for j in range(i - 1, 0, -1) if _is_anchor(lines[j], every)), 0)
+
+
 def _assemble(lines, keep: set[int], language, enc) -> tuple[list[str], int]:
     """Kept lines in order, with a marker comment where lines were left out."""
     pieces, cost, prev = [], 0, -1
@@ -149,10 +185,17 @@ def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder,
         return lines, set(range(n))
     if total_taken == 0:
         return _cursor_line_only(lines, cap, enc, decisions)
+    # The room of the lines above the cursor must not change with every key typed on the cursor
+    # line, or the window's first line would move each time: count the cursor line as its tokens
+    # rounded up to a step.
+    at_cursor = enc.n(lines[-1])
+    cap = min(cap, cap - -(-at_cursor // CURSOR_LINE_STEP) * CURSOR_LINE_STEP + at_cursor)
     # 1. the lines nearest the cursor get half the room first
     near, _ = _walk(lines, range(n - 1, -1, -1), max(cap // 2, 1), enc)
     near = max(near, 1)
     start = n - near
+    # ...starting at an anchor line (see ANCHOR_EVERY), the same one while the cursor moves on
+    start = _anchor_at_or_after(lines, start, n - 1) or start
     keep = set(range(start, n))
     _, used = _assemble(lines, keep, language, enc)
     extra: list[list[int]] = []
@@ -183,12 +226,16 @@ def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder,
     # 2. headers of the enclosing scopes, 3. imports
     headers = [h for h in _scope_headers(lines, start, language) if try_add([h])]
     imports = [g for g in _import_groups(lines, start, language) if try_add(g)]
-    # 4. the rest of the room: more lines nearest the cursor
-    i = start - 1
-    while i >= 0:
-        if i not in keep and not try_add([i]):
-            break
-        i -= 1
+    # 4. the rest of the room: more lines nearest the cursor, from anchor to anchor (8 lines on
+    # average, then 4 for what room is left), so that the window's first line stays where it was
+    # while the room changes by a few tokens
+    i = start
+    for every in ANCHOR_LEVELS[:2]:
+        while i > 0:
+            a = _anchor_before(lines, i, every)
+            if not try_add([j for j in range(a, i) if j not in keep]):
+                break
+            i = a
     pieces, cost = _assemble(lines, keep, language, enc)
     while cost > cap and keep:  # the one forced near line plus its marker may not fit
         keep.discard(min(keep))
@@ -199,6 +246,12 @@ def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder,
     decisions.append(f"prefix: {n} lines over budget; kept {len(keep)} "
                      f"({len(headers)} scope headers, {len(imports)} imports), elided {elided} behind '{language.comment('...')}' markers")
     return pieces, keep
+
+
+# Context blocks in the prompt: files the editor found relevant (they change when the user switches
+# files), the clipboard, declarations of names near the cursor, signatures used near the cursor
+# (these change while the user types). Within a kind, by text.
+CONTEXT_ORDER = {"snippet": 0, "clipboard": 1, "declaration": 2, "signatures": 3}
 
 
 def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLike,
@@ -252,13 +305,17 @@ def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLik
             path = f"{segments.filepath or 'this file'} (elsewhere in this file)"
             n_decl = sum(1 for k, _ in blocks if k == "declaration")
             blocks.insert(n_decl, ("signatures", render_block(language, path, "\n".join(sigs))))
-    ctx_text, ctx_ids, used_kinds = "", [], []
-    for kind, block in blocks:
-        ids = enc(block)
-        if len(ctx_ids) + len(ids) <= room:
-            ctx_text += block
-            ctx_ids += ids
-            used_kinds.append(kind)
+    chosen, n_ctx = [], 0
+    for kind, block in blocks:  # chosen by priority...
+        if n_ctx + enc.n(block) <= room:
+            chosen.append((kind, block))
+            n_ctx += enc.n(block)
+    used_kinds = [k for k, _ in chosen]
+    # ...written in a stable order, the ones that change least often first: a snippet's score moving
+    # it up or down, or a new signature, then leaves the cached start of the prompt valid
+    chosen.sort(key=lambda kb: (CONTEXT_ORDER.get(kb[0], len(CONTEXT_ORDER)), kb[1]))
+    ctx_text = "".join(b for _, b in chosen)
+    ctx_ids = [i for _, b in chosen for i in enc(b)]
     if blocks:
         decisions.append(f"context: {len(used_kinds)} of {len(blocks)} blocks ({', '.join(used_kinds) or 'none fit'})")
 

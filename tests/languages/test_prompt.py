@@ -175,3 +175,43 @@ def test_languages_resolve():
     grammars = {n for n, l in LANGUAGES.items() if l.grammar}
     assert {"python", "javascript", "typescript", "tsx", "go", "rust", "java", "c", "cpp", "csharp",
             "ruby", "php", "lua", "bash", "kotlin"} <= grammars
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_typing_keeps_the_prompt_start_for_the_kv_cache(tok):
+    """Retyping ten lines in the middle of a file that is over the budget: the elided prefix
+    window keeps its first line (an anchor line), so each prompt shares with the one before
+    everything up to the line being typed: what the engine's KV cache reuses. The window may move,
+    but rarely (in steps of whole anchor-to-anchor segments)."""
+    import textwrap
+
+    tpl = fim_template_for(tok)
+    src = open(textwrap.__file__, encoding="utf-8").read()
+    lines = src.splitlines(keepends=True)
+    at = sum(len(l) for l in lines[: len(lines) // 2])
+    region = "".join(lines[len(lines) // 2: len(lines) // 2 + 10])
+    suffix = src[at + len(region):]
+    prev, moved = None, 0
+    for k in range(1, len(region) + 1):
+        typed = region[:k]
+        p = build_prompt(Segments(src[:at] + typed, suffix, filepath="textwrap.py"), _py(), tok, tpl, 700)
+        assert len(p.ids) <= 700
+        if prev is not None:
+            # what the cursor line and the suffix cost: the part a keystroke may change
+            tail = len(tok.encode(typed.rsplit("\n", 1)[-1])) + p.ids[::-1].index(tpl.suffix_id) + 2
+            if _shared(prev, p.ids) < len(p.ids) - tail - 40:  # more than the last line changed
+                moved += 1
+        prev = p.ids
+    assert moved <= 2, moved  # 480 keys; a window that slides line by line moves 8 times here
+
+
+def test_context_blocks_keep_their_order_when_scores_change(tok):
+    tpl = fim_template_for(tok)
+    a, b = Snippet("a.py", "def alpha():\n    pass", 0.9), Snippet("b.py", "def beta():\n    pass", 0.1)
+    p1 = build_prompt(Segments("x = 1\n", "", snippets=[a, b]), _py(), tok, tpl, 400)
+    b.score = 0.95
+    p2 = build_prompt(Segments("x = 1\n", "", snippets=[a, b]), _py(), tok, tpl, 400)
+    assert p1.ids == p2.ids and p1.text.index("a.py") < p1.text.index("b.py")
