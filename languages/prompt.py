@@ -248,6 +248,12 @@ def _elide_prefix(lines: list[str], cap: int, language: Language, enc: _Encoder,
     return pieces, keep
 
 
+# When prefix and suffix do not both fit, the suffix gets at least 1/SUFFIX_SHARE of the room and the
+# prefix the rest. The prefix's tokens are nearly free while the user types (the engine keeps their
+# keys/values from the last prompt), the suffix's are computed again at every key (it follows the
+# changing cursor line in a prefix-first prompt): so the prefix gets the larger share.
+SUFFIX_SHARE = 8
+
 # Context blocks in the prompt: files the editor found relevant (they change when the user switches
 # files), the clipboard, declarations of names near the cursor, signatures used near the cursor
 # (these change while the user types). Within a kind, by text.
@@ -275,7 +281,7 @@ def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLik
     ctx_cap = min(ctx_need, avail // 4)
     if p_need + s_need > avail:  # something will be elided: keep room for its signatures
         ctx_cap = min(avail // 4, max(ctx_need, avail // 8))
-    s_cap = min(s_need, max(avail // 4, avail - ctx_cap - p_need))
+    s_cap = min(s_need, max(avail // SUFFIX_SHARE, avail - ctx_cap - p_need))
     p_cap = avail - ctx_cap - s_cap
 
     # Suffix: the lines nearest the cursor.
