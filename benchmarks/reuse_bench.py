@@ -195,15 +195,13 @@ def run_spec(engine, args) -> None:
         prepared.append((ids, dataclasses.replace(params, max_new_tokens=args.max_tokens)))
     engine.reuse_prompts = True
     settings = [0] + [int(k) for k in args.draft.split(",") if k.strip()]
-    outputs: dict[int, list[list[int]]] = {}
-    rows = []
-    for k in settings:
-        engine.draft_tokens = k
-        before = dict(engine.stats)
-        steps_before = engine.decode_steps
-        tokens = seconds = 0.0
-        outputs[k] = []
-        for ids, params in prepared:
+    outputs = {k: [] for k in settings}
+    acc = {k: dict(tokens=0, seconds=0.0, passes=0, drafted=0, accepted=0) for k in settings}
+    # task by task, every setting in turn: a shared machine's load falls on all of them alike
+    for t, (ids, params) in enumerate(prepared):
+        for k in settings:
+            engine.draft_tokens = k
+            before, steps_before = dict(engine.stats), engine.decode_steps
             out, first = [], None
             for ev in engine.generate(ids, params):
                 _sync(engine)
@@ -211,19 +209,23 @@ def run_spec(engine, args) -> None:
                     out.append(ev.token_id)
                     if first is None:
                         first = time.perf_counter()
+            a = acc[k]
             if len(out) > 1:
-                tokens += len(out) - 1
-                seconds += time.perf_counter() - first
+                a["tokens"] += len(out) - 1
+                a["seconds"] += time.perf_counter() - first
+            # forward passes after the prefill, and the tokens they made (the first comes with the prefill)
+            a["passes"] += engine.decode_steps - steps_before - 1
+            a["drafted"] += engine.stats["draft_tokens"] - before["draft_tokens"]
+            a["accepted"] += engine.stats["accepted_tokens"] - before["accepted_tokens"]
             outputs[k].append(out)
-        passes = engine.decode_steps - steps_before
-        drafted = engine.stats["draft_tokens"] - before["draft_tokens"]
-        accepted = engine.stats["accepted_tokens"] - before["accepted_tokens"]
-        n_tok = sum(len(o) for o in outputs[k])
-        # forward passes after the prefill, and the tokens they made (the first token comes with the prefill)
-        per_pass = (n_tok - len(prepared)) / max(passes - len(prepared), 1)
-        rows.append((k, n_tok, tokens / max(seconds, 1e-9), per_pass, drafted, accepted,
-                     outputs[k] == outputs[0]))
-        print(f"  draft {k}: {rows[-1][2]:.1f} tok/s", file=sys.stderr, flush=True)
+        print(f"  task {t + 1}/{len(prepared)}: " + ", ".join(
+            f"draft {k}: {acc[k]['tokens'] / max(acc[k]['seconds'], 1e-9):.1f} tok/s" for k in settings),
+            file=sys.stderr, flush=True)
+    rows = []
+    for k in settings:
+        a = acc[k]
+        rows.append((k, sum(len(o) for o in outputs[k]), a["tokens"] / max(a["seconds"], 1e-9),
+                     a["tokens"] / max(a["passes"], 1), a["drafted"], a["accepted"], outputs[k] == outputs[0]))
     base = rows[0][2]
     print(f"\nHumanEval infilling: {len(prepared)} tasks, greedy, up to {args.max_tokens} tokens"
           f"{' (stop strings)' if args.stops else ''}, "
