@@ -84,8 +84,9 @@ class KVPool:
             return have
         e = self._entries[key]
         self._entries.move_to_end(key)
-        cache.k[:, :n].copy_(e.k[:, :n])
-        cache.v[:, :n].copy_(e.v[:, :n])
+        # rows [0, have) already hold the same tokens: only the rest is copied
+        cache.k[:, have:n].copy_(e.k[:, have:n])
+        cache.v[:, have:n].copy_(e.v[:, have:n])
         cache.ids = list(ids[:n])
         return n
 
