@@ -8,6 +8,7 @@
 // fixed order (deterministic), and resets the head's counter for the next launch.
 #include "kodkod.h"
 #include "launch.cuh"
+#include "trace.cuh"
 
 #include <algorithm>
 #include <cfloat>
@@ -65,6 +66,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
 
   const int h = blockIdx.x, split = blockIdx.y, d = a.d;
   const int kvh = h / (a.heads / a.kv_heads);
+  trace_point(a.trace, 0);
   const int pos = *a.pos;  // written by the previous step's sampler, not by the kernel before this one
   {  // this thread's cached key and value rows: into L2 while the QKV kernel may still run
     const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
@@ -78,8 +80,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       }
     }
   }
+  trace_point(a.trace, 1);
   pdl_wait();
   pdl_trigger();
+  trace_point(a.trace, 2);
   const half* qsrc = a.qkv + (size_t)h * d;
   const half* ksrc = a.qkv + (size_t)a.heads * d + (size_t)kvh * d;
   const half* vsrc = ksrc + (size_t)a.kv_heads * d;
@@ -105,6 +109,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     }
   }
 
+  trace_point(a.trace, 3);
   const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
   // At least kMinChunk positions per split: fewer partial results to merge on short contexts.
   const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
@@ -178,12 +183,16 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     }
   }
 
+  trace_point(a.trace, 4);
   // The last split of this head merges every split's partial result.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(a.counters + h, 1) == a.splits - 1;
   __syncthreads();
-  if (!last) return;
+  if (!last) {
+    trace_point(a.trace, 5);
+    return;
+  }
   __threadfence();
   const float* parts_h = a.scratch + (size_t)h * a.splits * (d + 2);
   __shared__ float weight[kMaxSplits];  // exp(m_s - max) of each split, then divided by the total
@@ -204,6 +213,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     a.out[(size_t)h * d + i] = __float2half(o / total);
   }
   if (threadIdx.x == 0) a.counters[h] = 0;
+  trace_point(a.trace, 6);
+  trace_point(a.trace, 5);
 }
 
 }  // namespace
@@ -212,7 +223,9 @@ int attention_splits(int max_len) { return std::max(1, (max_len + kMaxChunk - 1)
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(a.heads, a.splits);
-  launch(attention_kernel, grid, dim3(kThreads), 0, stream, a);
+  AttentionArgs args = a;
+  args.trace = trace_region("attention", a.heads * a.splits);
+  launch(attention_kernel, grid, dim3(kThreads), 0, stream, args);
 }
 
 }  // namespace kodkod

@@ -49,6 +49,7 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   const int64_t n = q_weight.size(1);
   TORCH_CHECK(n % 32 == 0, "weight columns must be a multiple of 32, got ", n);
   TORCH_CHECK(n_out > 0 && n_out <= n, "n_out out of range");
+  TORCH_CHECK(!perm.has_value() || perm->numel() <= 65536, "the kernels take at most 65,536 input rows");
   MatrixHandle h;
   h.keep = {q_weight, chunks};
   for (const auto* t : {&q_scale, &q_scale_max, &perm, &bias})
@@ -208,6 +209,16 @@ void embed(torch::Tensor table, torch::Tensor token, torch::Tensor out) {
   check_launch();
 }
 
+// Trace builds: the launches recorded since trace_reset(), and their timestamps [launches, blocks, points].
+pybind11::tuple trace_read() {
+  const int n = kodkod::trace_launches();
+  auto stamps = torch::zeros({n, kodkod::kTraceBlocks, kodkod::kTracePoints}, torch::kInt64);
+  if (n) TORCH_CHECK(kodkod::trace_read(reinterpret_cast<unsigned long long*>(stamps.data_ptr()), n), "trace_read");
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) names.emplace_back(kodkod::trace_name(i));
+  return pybind11::make_tuple(names, stamps);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -222,4 +233,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_splits", &kodkod::attention_splits);
   m.def("sample", &sample);
   m.def("embed", &embed);
+  m.def("trace_reset", &kodkod::trace_reset);
+  m.def("trace_read", &trace_read);
 }

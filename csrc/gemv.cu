@@ -13,6 +13,7 @@
 // Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x), store fp32 (logits).
 #include "kodkod.h"
 #include "launch.cuh"
+#include "trace.cuh"
 
 #include <algorithm>
 #include <cstdlib>
@@ -25,7 +26,6 @@ constexpr int kLaneCols = 4;   // columns per thread: one 16-byte load of packed
 constexpr int kMaxWords = 5;   // words per chunk, at most (5-bit)
 constexpr int kBufWords = 3;   // words held ahead per chunk; a 5-bit chunk loads its last two when computed
 constexpr int kStage = 1024;   // chunk-table entries a block stages in shared memory
-constexpr int kPermAhead = 2;  // permutation rows per thread loaded before the input is ready
 constexpr int kDenseRows = 8;  // rows per dense chunk
 constexpr int kMaxSplits = 64;
 
@@ -250,30 +250,58 @@ __device__ float reduce_slices(float (&acc)[kLaneCols], float* red) {
   return s;
 }
 
-// x gathered through the permutation (the first kPermAhead rows of each thread may come with
-// their permutation already loaded), normalized if asked, into shared memory as fp16.
-__device__ void gather_input(const GemvArgs& a, const Matrix& m, int k_lo, int k_hi, half* xs, float mean,
-                             float rstd, const int* perm_ahead) {
-  for (int k = k_lo + threadIdx.x, u = 0; k < k_hi; k += blockDim.x, ++u) {
+// Shared memory of a block (dynamic part), in this order: the gathered input of each part
+// (fp16), each part's permutation rows (uint16, staged before the input is ready), and for the
+// norm modes the fp32 residual stream and the norm's weight and bias (fp16, staged early too).
+struct Smem {
+  half* xs;
+  uint16_t* perm;
+  float* h;
+  half* norm_w;
+  half* norm_b;
+};
+
+__host__ __device__ inline int part_stride(const GemvArgs& a) {
+  int s = 0;
+  for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) s = max(s, (a.mat[i].x_len + 7) / 8 * 8);
+  return s;
+}
+
+__host__ __device__ inline size_t smem_bytes(const GemvArgs& a, Smem* layout = nullptr, char* base = nullptr) {
+  const int parts = a.out_mode == kOutGated ? 2 : 1, stride = part_stride(a);
+  const int k_pad = a.in_mode == kInHalf ? 0 : (a.k_in + 7) / 8 * 8;
+  const size_t xs = 0, perm = xs + sizeof(half) * parts * stride, h = perm + sizeof(uint16_t) * parts * stride,
+               nw = h + sizeof(float) * k_pad, nb = nw + sizeof(half) * k_pad,
+               end = nb + (a.in_mode == kInLayerNorm ? sizeof(half) * k_pad : 0);
+  if (layout)
+    *layout = Smem{reinterpret_cast<half*>(base + xs), reinterpret_cast<uint16_t*>(base + perm),
+                   reinterpret_cast<float*>(base + h), reinterpret_cast<half*>(base + nw),
+                   reinterpret_cast<half*>(base + nb)};
+  return end;
+}
+
+// Input rows [k_lo, k_hi) of one part into xs, through the staged permutation: fp16 input from
+// global memory, or the normalized residual stream from shared memory.
+__device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool permuted, int k_lo, int k_hi, int stride,
+                             float mean, float rstd) {
+  half* xs = sm.xs + j * stride;
+  const uint16_t* perm = sm.perm + j * stride;
+  for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
     float v = 0.f;
     if (k < a.k_in) {
-      const int src = perm_ahead && u < kPermAhead ? perm_ahead[u] : (m.perm ? m.perm[k] : k);
-      if (a.in_mode == kInHalf) {
+      const int src = permuted ? perm[k] : k;
+      if (a.in_mode == kInHalf)
         v = __half2float(static_cast<const half*>(a.x)[src]);
-      } else {
-        const float h = __ldg(static_cast<const float*>(a.x) + src);
-        if (a.in_mode == kInRmsNorm)
-          v = round_half(h * rstd) * __half2float(a.norm_w[src]);
-        else
-          v = (h - mean) * rstd * __half2float(a.norm_w[src]) + __half2float(a.norm_b[src]);
-      }
+      else if (a.in_mode == kInRmsNorm)
+        v = round_half(sm.h[src] * rstd) * __half2float(sm.norm_w[src]);
+      else
+        v = (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
     }
     xs[k] = __float2half(v);
   }
 }
 
 __host__ __device__ int tiles(const Matrix& m, int tile_cols) { return (m.n_out + tile_cols - 1) / tile_cols; }
-__host__ __device__ int x_stride(const Matrix& m) { return (m.x_len + 7) / 8 * 8; }
 
 // Chunk range [lo, hi) of split ks out of nks.
 __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
@@ -283,7 +311,7 @@ __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
 template <int LANES, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvArgs a) {
   constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
-  extern __shared__ __align__(16) half xs[];
+  extern __shared__ __align__(16) char smem[];
   __shared__ float red[(kThreads / 32) * (TILE + 1)];
   __shared__ float stats[32];
   __shared__ bool last;
@@ -296,6 +324,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   const int ks = blockIdx.y, nks = gridDim.y;
   const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
   const int col0 = tile * TILE + lane * kLaneCols;
+  trace_point(a.trace, 0);
 
   // Stage this block's chunk-table entries (weights and tables do not depend on the previous
   // kernel, so all of this may overlap it), then send this thread's weights toward L2.
@@ -333,7 +362,11 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       for (int r = 0; r < rows; ++r) prefetch_l2(base + (size_t)r * m.n);
     }
   }
-  // The first matrix's first two chunks into registers, and the first rows of its permutation.
+  // The first matrix's first two chunks into registers; the permutation rows and the norm's weights
+  // into shared memory.
+  Smem sm;
+  smem_bytes(a, &sm, smem);
+  const int stride = part_stride(a);
   ChunkPipe<SLICES> pipe;
   pipe.begin(a.mat[mi], chunks[0], range[0].x + slice, range[0].y, col0);
   int k_lo[2] = {0, 0}, k_hi[2] = {0, 0};
@@ -344,28 +377,41 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     k_lo[j] = lo.y;
     k_hi[j] = hi.y + chunk_rows(hi);
   }
-  int perm_ahead[kPermAhead];
-  const int* perm0 = a.mat[mi].perm;
 #pragma unroll
-  for (int u = 0; u < kPermAhead; ++u) {
-    const int k = k_lo[0] + threadIdx.x + u * kThreads;
-    perm_ahead[u] = k < k_hi[0] && k < a.k_in ? (perm0 ? __ldg(perm0 + k) : k) : 0;
+  for (int j = 0; j < 2; ++j) {
+    if (j >= parts || !a.mat[mi + j].perm) continue;
+    const int* perm = a.mat[mi + j].perm;
+    for (int k = k_lo[j] + threadIdx.x; k < min(k_hi[j], a.k_in); k += blockDim.x)
+      sm.perm[j * stride + k] = (uint16_t)__ldg(perm + k);
   }
+  if (a.in_mode != kInHalf)
+    for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
+      sm.norm_w[i] = a.norm_w[i];
+      if (a.in_mode == kInLayerNorm) sm.norm_b[i] = a.norm_b[i];
+    }
+  trace_point(a.trace, 1);
   pdl_wait();  // from here on the input (written by the previous kernel) is complete
   pdl_trigger();
+  trace_point(a.trace, 2);
 
+  // The residual stream is read once, into shared memory; the norm's sums come from the same pass
+  // (LayerNorm: its mean first, then the squares from shared memory). block_sum's barriers publish sm.h.
   float mean = 0.f, rstd = 1.f;
   if (a.in_mode != kInHalf) {
     const float* h = static_cast<const float*>(a.x);
     float s = 0.f;
-    if (a.in_mode == kInLayerNorm) {
-      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) s += __ldg(h + i);
-      mean = block_sum(s, stats) / a.k_in;
-    }
-    s = 0.f;
     for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-      const float d = __ldg(h + i) - mean;
-      s += d * d;
+      const float v = __ldcg(h + i);
+      sm.h[i] = v;
+      s += a.in_mode == kInLayerNorm ? v : v * v;
+    }
+    if (a.in_mode == kInLayerNorm) {
+      mean = block_sum(s, stats) / a.k_in;
+      s = 0.f;
+      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
+        const float d = sm.h[i] - mean;
+        s += d * d;
+      }
     }
     rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
   }
@@ -373,10 +419,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     if (range[j].x >= range[j].y) continue;
-    gather_input(a, a.mat[mi + j], k_lo[j], k_hi[j], xs + j * x_stride(a.mat[0]), mean, rstd,
-                 j == 0 ? perm_ahead : nullptr);
+    gather_input(a, sm, j, a.mat[mi + j].perm != nullptr, k_lo[j], k_hi[j], stride, mean, rstd);
   }
   __syncthreads();
+  trace_point(a.trace, 3);
 
   float y[2] = {0.f, 0.f};
 #pragma unroll
@@ -385,9 +431,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     float acc[kLaneCols];
     const Matrix& m = a.mat[mi + j];
     if (j == 1) pipe.begin(m, chunks[1], range[1].x + slice, range[1].y, col0);
-    pipe.run(m, chunks[j], range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
+    pipe.run(m, chunks[j], range[j].x + slice, range[j].y, col0, sm.xs + j * stride, acc);
     y[j] = reduce_slices<LANES>(acc, red);
   }
+  trace_point(a.trace, 4);
 
   if (nks > 1) {  // the last split of this tile adds every split's partial sums, in order
     float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
@@ -399,7 +446,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1) == nks - 1;
     __syncthreads();
-    if (!last) return;
+    if (!last) {
+      trace_point(a.trace, 5);
+      return;
+    }
     __threadfence();
     if (threadIdx.x < TILE) {
       y[0] = y[1] = 0.f;
@@ -410,7 +460,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       }
     }
     if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;
+    trace_point(a.trace, 6);  // the merge's end (last split only)
   }
+  trace_point(a.trace, 5);
 
   if (threadIdx.x >= TILE) return;
   const Matrix& m = a.mat[mi];
@@ -496,9 +548,7 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
     if (!gated || i == 0) blocks += tiles(a.mat[i], TILE);
     min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
   }
-  smem = gated ? (x_stride(a.mat[0]) + x_stride(a.mat[1])) * sizeof(half) : 0;
-  if (!gated)
-    for (int i = 0; i < a.n_mats; ++i) smem = std::max(smem, x_stride(a.mat[i]) * sizeof(half));
+  smem = smem_bytes(a);
   // Split K while the grid still fits in one wave of resident blocks, keeping at least 32 chunks per split.
   static int resident = 0;
   if (!resident) {
@@ -521,7 +571,10 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
                          (int)std::max(smem, (size_t)48 * 1024));
     smem_opt_in = smem;
   }
-  launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem, stream, a);
+  GemvArgs args = a;
+  args.trace = trace_region(gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
+                            blocks * splits);
+  launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem, stream, args);
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {

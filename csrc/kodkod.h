@@ -51,6 +51,7 @@ struct GemvArgs {
   int partials_size;
   int* counters;  // zeroed once; every launch leaves them zero
   int counters_size;
+  unsigned long long* trace;  // trace.cuh (set by the launcher)
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
@@ -74,6 +75,7 @@ struct AttentionArgs {
   int* counters;          // [heads] zeroed once; each launch leaves them zero again
   int heads, kv_heads, d, rot_dim, max_len, window, splits;
   float scale;
+  unsigned long long* trace;  // trace.cuh (set by the launcher)
 };
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
@@ -91,9 +93,17 @@ struct SampleArgs {
   int* pos;                  // device scalar incremented after the draw, or nullptr
   float* partial;            // [blocks * 2] scratch
   int* counter;              // one int, zeroed once
+  unsigned long long* trace; // trace.cuh (set by the launcher)
 };
 
 void sample(const SampleArgs& a, cudaStream_t stream);
+
+// Trace builds (trace.cuh): kTracePoints timestamps per block of each launch; forget the launches recorded so far and zero the buffer; copy it out.
+constexpr int kTraceSlots = 512, kTraceBlocks = 1024, kTracePoints = 8;
+void trace_reset();
+bool trace_read(unsigned long long* host, int slots);  // host holds slots x kTraceBlocks x kTracePoints
+int trace_launches();
+const char* trace_name(int launch);
 
 void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream);
 
