@@ -59,10 +59,18 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   h.m.q_scale_max = opt_ptr<half>(q_scale_max, torch::kHalf, "q_scale_max");
   h.m.chunks = ptr<const int4>(chunks);
   h.m.perm = opt_ptr<int>(perm, torch::kInt32, "perm");
+  if (perm.has_value()) {  // 16-bit rows for the GEMV to copy into shared memory, padded to a multiple of 8
+    auto p16 = torch::zeros({(perm->numel() + 7) / 8 * 8}, perm->options().dtype(torch::kInt16));
+    p16.narrow(0, 0, perm->numel()).copy_(perm->bitwise_and(0xFFFF).to(torch::kInt16));
+    h.keep.push_back(p16);
+    h.m.perm16 = reinterpret_cast<const uint16_t*>(p16.data_ptr());
+  }
   h.m.bias = opt_ptr<half>(bias, torch::kHalf, "bias");
   h.m.n = static_cast<int>(n);
   h.m.n_out = static_cast<int>(n_out);
   h.m.n_chunks = static_cast<int>(chunks.size(0));
+  h.m.rows = static_cast<int>(q_weight.size(0));
+  h.m.groups = q_scale_max.has_value() ? static_cast<int>(q_scale_max->numel()) : 0;
   h.m.x_len = static_cast<int>(x_len);
   h.m.k = perm.has_value() ? static_cast<int>(perm->numel()) : static_cast<int>(x_len);
   return h;

@@ -21,10 +21,13 @@ struct Matrix {
   const half* q_scale_max;   // [G]
   const int4* chunks;        // [n_chunks]
   const int* perm;           // [K] x_perm[k] = x[perm[k]]; nullptr: identity
+  const uint16_t* perm16;    // the same as 16-bit rows, padded to a multiple of 8 (the GEMV stages it)
   const half* bias;          // [n_out] or nullptr
   int n;                     // row stride in columns (a multiple of 32)
   int n_out;                 // columns that exist
   int n_chunks;
+  int rows;                  // packed rows of q_weight (dense: K)
+  int groups;                // scale groups (EXL2; 0 for dense)
   int x_len;                 // rows of x the chunks read (K rounded up to whole chunks)
   int k;                     // rows that exist (K)
 };
@@ -51,6 +54,8 @@ struct GemvArgs {
   int partials_size;
   int* counters;  // zeroed once; every launch leaves them zero
   int counters_size;
+  int window;                 // set by the launcher: bytes of weight rows a block stages in shared memory
+  int scale_groups;           // set by the launcher: scale groups a block stages per part, at most
   unsigned long long* trace;  // trace.cuh (set by the launcher)
 };
 
