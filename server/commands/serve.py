@@ -78,7 +78,9 @@ def run(args) -> int:
         print(f"kodkod serve: warning: {srv.service.template_error}; only raw prompts will work", file=sys.stderr)
     print(f"kodkod: serving {srv.model_name} ({where}) on http://{config.host}:{config.port} "
           f"(log: {config.events_path})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=3)
+    from server.transport import run as serve_app
+
+    serve_app(app, config)  # uvicorn, with the connection limits of server/transport.py
     return 0
 
 

@@ -19,11 +19,17 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_live(app):
-    """Run `app` under a real uvicorn server on 127.0.0.1; yields the base URL."""
+    """Run `app` under a real uvicorn server on 127.0.0.1, configured as `kodkod serve` configures
+    it (server/transport.py: its connection limits); yields the base URL."""
     import uvicorn
 
+    from server.config import ServerConfig
+    from server.transport import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+    srv = getattr(app.state, "server", None)
+    config = srv.config if srv is not None else ServerConfig()
+    server = uvicorn.Server(uvicorn_config(app, config, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=1))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
