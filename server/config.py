@@ -42,7 +42,7 @@ class ServerConfig(BaseModel):
     home: Path = Field(default_factory=default_home, description="KODKOD_HOME: models, logs")
     log_file: Path | None = Field(None, description="JSONL event/completion log; default <home>/logs/events.jsonl")
     log_prompts: bool = Field(False, description="also write prompt and completion text to the log")
-    queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting for the worker before 503")
+    queue_size: int = Field(64, ge=1, le=10_000, description="requests waiting for the worker before 503")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="limit for one request, queue wait included")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="larger request bodies get 413")
     max_prefix_chars: int = Field(100_000, ge=1, description="longer prefix (or suffix) gets 413")

@@ -53,7 +53,7 @@ class HostGuard:
         self.check = srv.auth.open and WILDCARD not in config.allowed_hosts
         names = {"localhost", host_name(config.host)}
         try:
-            names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+            names.add(socket.gethostname().lower())  # not getfqdn(): it may wait for DNS
         except OSError:
             pass
         self.allowed = names | {host_name(h) for h in config.allowed_hosts}

@@ -26,7 +26,6 @@ import asyncio
 import collections
 import json
 import logging
-import resource
 
 import httptools
 import uvicorn
@@ -202,6 +201,10 @@ def protocol_class(config, metrics=None) -> type[asyncio.Protocol]:
 def fit_fd_limit(config) -> None:
     """Raise the soft open-file limit toward the hard one, so that max_connections fits;
     warn (once, at start) when it still does not."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = config.max_connections + FD_RESERVE
