@@ -31,7 +31,6 @@ import os
 import random
 import resource
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -196,28 +195,34 @@ async def one(client, url, payload, stats: Stats, final=False):
     return key
 
 
-async def editor(i, url, until, stats: Stats, max_tokens, rng):
-    async with httpx.AsyncClient(timeout=60) as client:
-        pos, inflight = rng.randrange(500), None
+async def editor(i, url, until, stats: Stats, max_tokens, rng, keep=False):
+    limits = httpx.Limits(max_connections=None if keep else 100)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        pos, inflight, kept = rng.randrange(500), None, []
         while time.monotonic() < until:
             pause = rng.uniform(1, 3) if rng.random() < 0.04 else rng.uniform(0.05, 0.17)
             await asyncio.sleep(pause)
             pos += 1
             if inflight is not None and not inflight.done():
-                inflight.cancel()  # the next keystroke: the editor drops the older request
+                if keep:  # the server supersedes it (same `user`); its answer is still read
+                    kept = [t for t in kept if not t.done()] + [inflight]
+                else:  # the next keystroke: the editor drops the older request
+                    inflight.cancel()
             inflight = asyncio.create_task(one(client, url, body(i, pos, max_tokens), stats))
         # the last keystroke: its request is the one the person waits for
         await asyncio.sleep(rng.uniform(0.05, 0.17))
         if inflight is not None and not inflight.done():
             inflight.cancel()
         await one(client, url, body(i, pos + 1, max_tokens), stats, final=True)
+        await asyncio.gather(*kept, return_exceptions=True)
 
 
-async def run_load(url, minutes, editors, max_tokens, seed):
+async def run_load(url, minutes, editors, max_tokens, seed, keep=False):
     stats = Stats()
     until = time.monotonic() + minutes * 60
     t0 = time.monotonic()
-    await asyncio.gather(*(editor(i, url, until, stats, max_tokens, random.Random(seed + i)) for i in range(editors)))
+    await asyncio.gather(*(editor(i, url, until, stats, max_tokens, random.Random(seed + i), keep)
+                           for i in range(editors)))
     return stats, time.monotonic() - t0
 
 
@@ -235,7 +240,7 @@ def cmd_load(args):
         time.sleep(1)
         rss_before = rss_mb(pid)
         prober = Prober(url, 0.25)
-        stats, elapsed = arun(run_load(url, args.minutes, args.editors, args.max_tokens, args.seed))
+        stats, elapsed = arun(run_load(url, args.minutes, args.editors, args.max_tokens, args.seed, args.keep))
         health, health_fails = prober.finish()
         time.sleep(args.settle_s)
         rss_after = rss_mb(pid)
@@ -247,7 +252,8 @@ def cmd_load(args):
     cancelled = {l.split('"')[1]: float(l.split()[-1]) for l in metrics.splitlines()
                  if l.startswith("kodkod_cancellations_total{")}
     result = {
-        "minutes": args.minutes, "editors": args.editors, "max_tokens": args.max_tokens, "server": args.env,
+        "minutes": args.minutes, "editors": args.editors, "editors_drop_requests": not args.keep,
+        "max_tokens": args.max_tokens, "server": args.env,
         "requests_sent": stats.sent, "requests_per_s": round(stats.sent / elapsed, 1),
         "status": dict(stats.status.most_common()), "final_requests": dict(stats.final.most_common()),
         "completed_p50_ms": pct(stats.latency, 50), "completed_p95_ms": pct(stats.latency, 95),
@@ -322,7 +328,8 @@ def cmd_idle(args):
              if l.startswith("kodkod_connection_drops_total{")}
     log_lines = sum(1 for _ in open(log_dir / "server.log")) if args.model else None
     result = {"connections": args.connections, "client_processes": procs, "connect_errors": errors.value,
-              "seconds_to_open": round(opened_s - args.hold_s, 1), "held_s": args.hold_s, "healthz_probes": len(lat) + len(fails),
+              "seconds_to_open": round(opened_s - args.hold_s, 1), "held_s": args.hold_s,
+              "healthz_probes": len(lat) + len(fails),
               "healthz_failed": len(fails), "healthz_p95_ms": pct(lat, 95), "healthz_max_ms": pct(lat, 100),
               "server_drops": drops, "rss_before_mb": rss_before, "rss_peak_mb": rss_peak,
               "server_log_lines": log_lines, "server": args.env}
@@ -361,6 +368,8 @@ def main(argv=None):
     load.add_argument("--editors", type=int, default=20)
     load.add_argument("--max-tokens", type=int, default=16)
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--keep", action="store_true", help="editors do not drop their older request: they leave "
+                      "it to the server to supersede (same `user`) and read its answer")
     load.add_argument("--settle-s", type=float, default=5.0, help="wait before the last RSS reading")
     idle.add_argument("--connections", type=int, default=20_000)
     idle.add_argument("--hold-s", type=float, default=15.0, help="keep probing this long after all are open")

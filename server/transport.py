@@ -23,7 +23,6 @@ configuration for tests and benchmarks.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 

@@ -177,7 +177,6 @@ def test_many_idle_and_stalled_sockets_leave_healthz_answering(serve):
 
 def test_full_server_refuses_new_connections_with_json_503(serve):
     url, app = serve(max_connections=8, queue_size=16, max_tokens=400)
-    body = json.dumps({**LONG, "max_tokens": 400}).encode()
     busy = []
     for i in range(8):  # 8 complete requests in progress: none of them may be closed to make room
         s = connect(url)
@@ -195,7 +194,6 @@ def test_full_server_refuses_new_connections_with_json_503(serve):
     for job in list(srv.jobs.values()):
         wait_done(job)
     assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-    del body
 
 
 # ---------------------------------------------------------------- errors uvicorn would produce
