@@ -50,7 +50,7 @@ def protocol_class(config, metrics=None) -> type[asyncio.Protocol]:
     the class holds the server's table of incomplete requests)."""
     max_connections = config.max_connections
     head_timeout, body_timeout = config.head_timeout_s, config.body_timeout_s
-    max_head = config.max_head_bytes
+    max_head, keep_alive = config.max_head_bytes, config.keep_alive_s
     # connections whose request is incomplete (idle, head or body), oldest first: the ones to close
     # when the cap is reached; dict order is insertion order
     incomplete: dict["GuardedProtocol", None] = {}
@@ -179,9 +179,15 @@ def protocol_class(config, metrics=None) -> type[asyncio.Protocol]:
             if self._phase == "closed":
                 return
             if self._phase == "body":
-                self._phase = "app"
                 incomplete.pop(self, None)
                 self._disarm()
+                if self.cycle is not None and self.cycle.response_complete:
+                    # answered before its body was in (a 415, a 413): the connection is idle now, and
+                    # uvicorn's keep-alive timer was stopped by the body's bytes
+                    self._wait_request()
+                    self._arm(keep_alive)
+                else:
+                    self._phase = "app"
             super().on_message_complete()
 
         def on_response_complete(self) -> None:

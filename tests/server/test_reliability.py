@@ -137,6 +137,24 @@ def test_slow_body_is_cut_off(serve):
     no_500(url)
 
 
+def test_early_answer_then_idle_connection_is_closed(serve):
+    """An answer sent before the body was all in (415 here) leaves the connection timed."""
+    url, _ = serve(keep_alive_s=0.5, body_timeout_s=30)
+    for then_get in (False, True):
+        s = connect(url)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: 20\r\n\r\n0123456789")
+        s.settimeout(5)
+        assert s.recv(4096).startswith(b"HTTP/1.1 415")
+        s.sendall(b"0123456789")  # the rest of the body: the connection is idle now
+        if then_get:  # and still usable
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+        t0 = time.monotonic()
+        assert read_all(s) == b""
+        assert time.monotonic() - t0 < 3
+
+
 def test_body_disconnect_is_a_quiet_499(serve):
     url, app = serve()
     for path in ("/v1/completions", "/v1/events"):
