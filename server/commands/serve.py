@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", default=None,
                    help="write prompt and completion text into the JSONL log")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds one request may take (default 30)")
-    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 16); "
+    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 64); "
                                                    "with --engine openai: requests in flight")
     p.add_argument("--engine", choices=["local", "openai"],
                    help="local (default): run the model here; openai: send the prompts to OpenAI-compatible "
@@ -78,7 +78,9 @@ def run(args) -> int:
         print(f"kodkod serve: warning: {srv.service.template_error}; only raw prompts will work", file=sys.stderr)
     print(f"kodkod: serving {srv.model_name} ({where}) on http://{config.host}:{config.port} "
           f"(log: {config.events_path})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=3)
+    from server.transport import run as serve_app
+
+    serve_app(app, config)  # uvicorn, with the connection limits of server/transport.py
     return 0
 
 
