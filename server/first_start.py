@@ -29,7 +29,7 @@ class Plan:
     def describe(self, home: Path) -> str:
         if self.ready:
             return ""
-        low, high = (round(s / 60 + 0.49) for s in self.seconds)
+        low, high = max(1, round(self.seconds[0] / 60)), max(1, -(-self.seconds[1] // 60))
         took = f"about {low} minute{'s' * (low != 1)}" if low == high else f"about {low}-{high} minutes"
         lines = [f"kodkod: first start: {self.name} is not in {home} yet; {took} before the first completion "
                  f"(later starts take seconds):"]
