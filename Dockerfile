@@ -9,7 +9,9 @@
 ARG FLAVOUR=cpu
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # torch 2.13.0 from PyPI is built for CUDA 13.0 (deploy/torch.txt): NVIDIA driver 580 or newer.
+# Another CUDA: CUDA_VERSION of the same major as a torch build from TORCH_INDEX (docs/deploy.md).
 ARG CUDA_VERSION=13.0.1
+ARG TORCH_INDEX=
 
 # ---- the kodkod wheel (pure Python, with csrc/ for the kernels) ----
 FROM ${PYTHON_IMAGE} AS wheel
@@ -44,7 +46,8 @@ RUN apt-get update \
 COPY constraints.txt /src/constraints.txt
 COPY deploy /src/deploy
 COPY --from=wheel /wheels /wheels
-RUN python3.11 -m venv /opt/venv && sh /src/deploy/install.sh /opt/venv cuda /wheels
+ARG TORCH_INDEX
+RUN python3.11 -m venv /opt/venv && TORCH_INDEX="$TORCH_INDEX" sh /src/deploy/install.sh /opt/venv cuda /wheels
 ENV TORCH_CUDA_ARCH_LIST="7.5;8.0;8.6;8.9;9.0"
 RUN KODKOD_HOME=/opt/kodkod /opt/venv/bin/kodkod build-kernels --arch "$TORCH_CUDA_ARCH_LIST"
 
