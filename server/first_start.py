@@ -61,6 +61,8 @@ def plan(name: str | None, home: Path, gpu: bool) -> Plan:
         p.steps.append(f"convert it to EXL2 {m.convert['bits']:g} bpw on the GPU "
                        f"(about {CONVERT_GPU_S[0] // 60}-{CONVERT_GPU_S[1] // 60} minutes, an estimate)")
         low, high = low + CONVERT_GPU_S[0], high + CONVERT_GPU_S[1]
+        p.steps.append("compile the CUDA kernels, unless they are cached or prebuilt (about a minute, once)")
+        high += 90
     else:
         p.steps.append("serve those weights (no GPU here: the CPU runs dense weights either way, "
                        "so no EXL2 conversion)")

@@ -10,7 +10,7 @@ from server.errors import UsageError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or known model name (default: the default model, "
-                                   "downloaded and converted on first use)")
+                                   "fetched on first use: served as imported fp16 on a CPU, as EXL2 on a GPU)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (default auto)")
