@@ -3,8 +3,8 @@
 On a CPU the engine runs dense weights whatever the file holds (an EXL2 model is dequantized
 when it loads), so the CPU serves the GGUF imported as fp16: ready in about a minute, and
 closer to the original than a 4-bit conversion. A GPU runs EXL2 packed, through the CUDA
-kernels: there the model is converted once, on the GPU. The times below were measured on a
-2-core CPU (docs/deploy.md); the GPU conversion time is an estimate.
+kernels: there the model is converted once, on the GPU. The import time below was measured on a
+2-core CPU (docs/deploy.md); the download speed and the GPU conversion time are estimates.
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DOWNLOAD_MB_PER_S = 20  # what the package index gave here; shown as a rough guide only
-IMPORT_S = 30  # assemble + SHA-256 + import to fp16, 2-core CPU
+DOWNLOAD_MB_PER_S = 20  # a cautious guess for a home line; the package index gave about 200 MB/s here
+IMPORT_S = 30  # assemble + SHA-256 + import to fp16: 25 s measured on a 2-core CPU
 CONVERT_GPU_S = (60, 180)  # estimated, not measured on the default model
-CONVERT_CPU_S = (300, 600)  # measured on a 2-core CPU, idle and busy
 
 
 @dataclass
