@@ -108,3 +108,19 @@ def test_download_for_cpu_imports_only(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(models, "ensure_model", lambda *a, **k: pytest.fail("no conversion for --for cpu"))
     assert main(["download", "--for", "cpu", "--home", str(tmp_path), "--no-progress"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "imported")
+
+
+def test_download_for_gpu_converts_where_it_can(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from server.cli import main
+
+    seen = []
+    monkeypatch.setattr(models, "ensure_model", lambda name, home, progress=True, device="cpu":
+                        seen.append(device) or tmp_path / "exl2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["download", "--for", "gpu", "--home", str(tmp_path), "--no-progress"]) == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["download", "--home", str(tmp_path), "--no-progress"]) == 0  # auto: a GPU here
+    assert seen == ["cpu", "cuda"]  # an image build has no GPU: it converts on the CPU
+    assert capsys.readouterr().out.split() == [str(tmp_path / "exl2")] * 2
