@@ -49,6 +49,7 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   const int64_t n = q_weight.size(1);
   TORCH_CHECK(n % 32 == 0, "weight columns must be a multiple of 32, got ", n);
   TORCH_CHECK(n_out > 0 && n_out <= n, "n_out out of range");
+  TORCH_CHECK(!perm.has_value() || perm->numel() <= 65536, "the kernels take at most 65,536 input rows");
   MatrixHandle h;
   h.keep = {q_weight, chunks};
   for (const auto* t : {&q_scale, &q_scale_max, &perm, &bias})
@@ -58,10 +59,18 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   h.m.q_scale_max = opt_ptr<half>(q_scale_max, torch::kHalf, "q_scale_max");
   h.m.chunks = ptr<const int4>(chunks);
   h.m.perm = opt_ptr<int>(perm, torch::kInt32, "perm");
+  if (perm.has_value()) {  // 16-bit rows for the GEMV to copy into shared memory, padded to a multiple of 8
+    auto p16 = torch::zeros({(perm->numel() + 7) / 8 * 8}, perm->options().dtype(torch::kInt16));
+    p16.narrow(0, 0, perm->numel()).copy_(perm->bitwise_and(0xFFFF).to(torch::kInt16));
+    h.keep.push_back(p16);
+    h.m.perm16 = reinterpret_cast<const uint16_t*>(p16.data_ptr());
+  }
   h.m.bias = opt_ptr<half>(bias, torch::kHalf, "bias");
   h.m.n = static_cast<int>(n);
   h.m.n_out = static_cast<int>(n_out);
   h.m.n_chunks = static_cast<int>(chunks.size(0));
+  h.m.rows = static_cast<int>(q_weight.size(0));
+  h.m.groups = q_scale_max.has_value() ? static_cast<int>(q_scale_max->numel()) : 0;
   h.m.x_len = static_cast<int>(x_len);
   h.m.k = perm.has_value() ? static_cast<int>(perm->numel()) : static_cast<int>(x_len);
   return h;
@@ -208,6 +217,16 @@ void embed(torch::Tensor table, torch::Tensor token, torch::Tensor out) {
   check_launch();
 }
 
+// Trace builds: the launches recorded since trace_reset(), and their timestamps [launches, blocks, points].
+pybind11::tuple trace_read() {
+  const int n = kodkod::trace_launches();
+  auto stamps = torch::zeros({n, kodkod::kTraceBlocks, kodkod::kTracePoints}, torch::kInt64);
+  if (n) TORCH_CHECK(kodkod::trace_read(reinterpret_cast<unsigned long long*>(stamps.data_ptr()), n), "trace_read");
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) names.emplace_back(kodkod::trace_name(i));
+  return pybind11::make_tuple(names, stamps);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -222,4 +241,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_splits", &kodkod::attention_splits);
   m.def("sample", &sample);
   m.def("embed", &embed);
+  m.def("trace_reset", &kodkod::trace_reset);
+  m.def("trace_read", &trace_read);
 }

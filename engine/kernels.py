@@ -24,8 +24,8 @@ import torch
 log = logging.getLogger("kodkod.kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu")
-HEADERS = ("kodkod.h", "launch.cuh")
+SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu", "trace.cu")
+HEADERS = ("kodkod.h", "launch.cuh", "trace.cuh")
 MIN_CAPABILITY = (7, 5)
 
 # Modes of the gemv kernel (csrc/kodkod.h: InputMode, OutputMode, Activation).
@@ -57,8 +57,13 @@ def build_key(archs: str) -> str:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{torch.version.cuda}|{archs}|{sys.version_info[:2]}".encode())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{archs}|{sys.version_info[:2]}|{_defines()}".encode())
     return h.hexdigest()[:16]
+
+
+def _defines() -> list[str]:
+    """KODKOD_TRACE=1 builds the phase timestamps of csrc/trace.cuh (benchmarks/trace_step.py)."""
+    return ["-DKODKOD_TRACE"] if os.environ.get("KODKOD_TRACE") == "1" else []
 
 
 def unavailable_reason() -> str | None:
@@ -132,8 +137,8 @@ def build(verbose: bool = False):
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+        extra_cflags=["-O3", "-std=c++17", *_defines()],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", *_defines()],
         build_directory=str(build_dir),
         verbose=verbose,
     )

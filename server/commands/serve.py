@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", default=None,
                    help="write prompt and completion text into the JSONL log")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds one request may take (default 30)")
-    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 16); "
+    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 64); "
                                                    "with --engine openai: requests in flight")
     p.add_argument("--engine", choices=["local", "openai"],
                    help="local (default): run the model here; openai: send the prompts to OpenAI-compatible "
@@ -121,8 +121,6 @@ def run(args) -> int:
         print(f"kodkod serve: {exc}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
     from server.commands.common import check_device
 
     if config.engine == "local":
@@ -149,10 +147,10 @@ def run(args) -> int:
     port = sock.getsockname()[1]
     print(f"kodkod: serving {srv.model_name} ({where}) on http://{config.host}:{port} "
           f"(log: {config.events_path})", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=3))
-    server.run(sockets=[sock])
-    return 0 if server.started else 1
+    from server.transport import run as serve_app
+
+    # uvicorn, with the connection limits of server/transport.py, on the port taken before the model loaded
+    return 0 if serve_app(app, config, sockets=[sock]) else 1
 
 
 def _local_app(config, path: Path):

@@ -18,13 +18,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_live(app):
-    """Run `app` under a real uvicorn server on 127.0.0.1; yields the base URL."""
+def serve_live(app, **overrides):
+    """Run `app` under a real uvicorn server on 127.0.0.1, configured as `kodkod serve` configures
+    it (server/transport.py: its connection limits); yields the base URL. `overrides` go to
+    uvicorn.Config (`log_config=None`: uvicorn's records reach pytest's log capture)."""
     import uvicorn
 
+    from server.config import ServerConfig
+    from server.transport import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=1))
+    srv = getattr(app.state, "server", None)
+    config = srv.config if srv is not None else ServerConfig()
+    kw = dict(host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(uvicorn_config(app, config, **{**kw, **overrides}))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     deadline = time.monotonic() + 20

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+JSON_TYPE = {"content-type": "application/json"}
 PY = {"language": "python", "segments": {"prefix": "def fib(n):\n    ", "suffix": "\n\nprint(fib(3))\n"}}
 
 # a raw FIM prompt without stop strings: the tiny model decodes it to max_tokens
@@ -166,7 +167,7 @@ def test_events_and_jsonl_log(make_app):
         assert c.post("/v1/events?select_kind=line",
                       json={"type": "select", "completion_id": cid, "choice_index": 0, "elapsed": 12}).status_code == 200
         is_error(c.post("/v1/events", json={"type": "explode", "completion_id": cid, "choice_index": 0}), 400)
-        is_error(c.post("/v1/events", content=b"nope"), 400)
+        is_error(c.post("/v1/events", content=b"nope", headers=JSON_TYPE), 400)
     lines = srv.log.read()
     comp = [l for l in lines if l["kind"] == "completion"]
     assert comp[0]["id"] == cid and comp[0]["language"] == "python" and comp[0]["cancelled"] is False
@@ -199,7 +200,7 @@ def test_log_prompts(make_app):
 
 def test_metrics(client):
     client.post("/v1/completions", json={**PY, "max_tokens": 3})
-    client.post("/v1/completions", content=b"{")
+    client.post("/v1/completions", content=b"{", headers=JSON_TYPE)
     text = client.get("/metrics").text
     assert 'kodkod_http_requests_total{method="POST",route="/v1/completions",status="200"} 1.0' in text
     assert 'status="400"' in text
