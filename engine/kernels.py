@@ -3,7 +3,8 @@
 The extension is compiled with ninja through torch.utils.cpp_extension into
 KODKOD_HOME/kernels/<key>, where the key hashes the sources, torch's version,
 the CUDA version and the GPU architectures, so an upgrade rebuilds and a
-second start loads in a second. Anything that stops the build (no GPU, no
+second start loads in a second. KODKOD_BAKED_HOME/kernels/<key> (kernels compiled into a
+container image with `kodkod build-kernels`) is looked in first. Anything that stops the build (no GPU, no
 compiler, a compile error) leaves the engine on its torch path, with one log
 line saying why.
 """
@@ -119,10 +120,13 @@ def build(verbose: bool = False):
 
     archs = arch_list()
     key = build_key(archs)
+    name = f"kodkod_kernels_{key}"
+    baked = os.environ.get("KODKOD_BAKED_HOME")
+    if baked and (Path(baked) / "kernels" / key / f"{name}.so").is_file():
+        return _import_so(name, Path(baked) / "kernels" / key / f"{name}.so")
     build_dir = kernel_home() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    name = f"kodkod_kernels_{key}"
     built = build_dir / f"{name}.so"
     if built.is_file():  # the key already covers sources, compiler and architectures: no ninja pass needed
         return _import_so(name, built)

@@ -235,7 +235,10 @@ def uvicorn_config(app, config, **overrides) -> uvicorn.Config:
     return uvicorn.Config(app, **kw)
 
 
-def run(app, config) -> None:
-    """Serve `app` until interrupted, as `kodkod serve` does."""
+def run(app, config, sockets=None) -> bool:
+    """Serve `app` until interrupted, as `kodkod serve` does (on `sockets` when given: the port
+    `kodkod serve` took before loading the model). Returns whether the server started."""
     fit_fd_limit(config)
-    uvicorn.Server(uvicorn_config(app, config)).run()
+    server = uvicorn.Server(uvicorn_config(app, config))
+    server.run(sockets=sockets)
+    return server.started
