@@ -2,8 +2,10 @@
 
 On a CPU the engine runs dense weights whatever the file holds (an EXL2 model is dequantized
 when it loads), so the CPU serves the GGUF imported as fp16: ready in about a minute, and
-closer to the original than a 4-bit conversion. A GPU runs EXL2 packed, through the CUDA
-kernels: there the model is converted once, on the GPU. The import time below was measured on a
+closer to the original than a 4-bit conversion. A GPU runs what the model's entry says
+(`KnownModel.gpu_form`): the fp16 import for the default 0.5B model (it beats the 4.0 bpw
+conversion by 9-11 points of pass@1, docs/benchmarks.md), else EXL2 packed, through the CUDA
+kernels, converted once on the GPU. The import time below was measured on a
 2-core CPU (docs/deploy.md); the download speed and the GPU conversion time are estimates.
 """
 from __future__ import annotations
@@ -40,8 +42,8 @@ def plan(name: str | None, home: Path, gpu: bool) -> Plan:
     from engine.convert.models import IMPORTED, exl2_name, known, model_dir, ready
 
     m = known(name)
-    form = "exl2" if gpu else "imported"
-    leaf = exl2_name(m.convert["bits"]) if gpu else IMPORTED
+    form = m.gpu_form if gpu else "imported"
+    leaf = exl2_name(m.convert["bits"]) if form == "exl2" else IMPORTED
     done = ready(m.name, leaf, home)
     p = Plan(m.name, form, done)
     if done:
@@ -56,10 +58,15 @@ def plan(name: str | None, home: Path, gpu: bool) -> Plan:
             low, high = low + dl, high + 3 * dl
         p.steps.append(f"import it as fp16 safetensors (about {IMPORT_S} s)")
         low, high = low + IMPORT_S, high + 2 * IMPORT_S
-    if gpu:
+    if form == "exl2":
         p.steps.append(f"convert it to EXL2 {m.convert['bits']:g} bpw on the GPU "
                        f"(about {CONVERT_GPU_S[0] // 60}-{CONVERT_GPU_S[1] // 60} minutes, an estimate)")
         low, high = low + CONVERT_GPU_S[0], high + CONVERT_GPU_S[1]
+        p.steps.append("compile the CUDA kernels, unless they are cached or prebuilt (about a minute, once)")
+        high += 90
+    elif gpu:
+        p.steps.append("serve those weights on the GPU (for this model fp16 beats its EXL2 conversion "
+                       "on pass@1: docs/benchmarks.md)")
         p.steps.append("compile the CUDA kernels, unless they are cached or prebuilt (about a minute, once)")
         high += 90
     else:

@@ -10,8 +10,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model name: qwen2.5-coder-0.5b (default) or qwen2.5-coder-1.5b")
     parser.add_argument("--for", dest="target", choices=["auto", "cpu", "gpu"], default="auto",
                         help="what `kodkod serve` will run it on: cpu: the imported fp16 weights (about a "
-                             "minute); gpu: also the EXL2 conversion (on the GPU when there is one, else on "
-                             "the CPU: 5-10 minutes); auto (default): gpu where torch sees one, else cpu")
+                             "minute); gpu: what the model serves on a GPU: the fp16 import for the default "
+                             "model, else also the EXL2 conversion (on the GPU when there is one, else on the "
+                             "CPU: 5-10 minutes); auto (default): gpu where torch sees one, else cpu")
     parser.add_argument("--home", help="cache directory (default $KODKOD_HOME or ~/.cache/kodkod)")
     parser.add_argument("--list", action="store_true", help="list the known models and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -21,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from engine.convert.models import DEFAULT_MODEL, KNOWN_MODELS, DownloadError, ensure_imported, ensure_model
+    from engine.convert.models import DEFAULT_MODEL, KNOWN_MODELS, DownloadError, ensure_imported, ensure_model, known
 
     if args.list:
         for name, m in KNOWN_MODELS.items():
@@ -35,6 +36,12 @@ def run(args: argparse.Namespace) -> int:
 
         gpu_here = torch.cuda.is_available()
         target = "gpu" if target == "gpu" or gpu_here else "cpu"
+    try:
+        if target == "gpu" and known(args.name).gpu_form == "imported":
+            target = "cpu"  # this model serves its fp16 import on a GPU as well
+    except DownloadError as exc:
+        print(f"kodkod download: {exc}", file=sys.stderr)
+        return 1
     home = Path(args.home) if args.home else None
     t0 = time.time()
     try:
