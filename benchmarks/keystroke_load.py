@@ -226,13 +226,19 @@ async def run_load(url, minutes, editors, max_tokens, seed, keep=False):
     return stats, time.monotonic() - t0
 
 
-def cmd_load(args):
-    proc, url, pid = None, args.url, None
-    log_dir = Path(args.work or "/tmp/kodkod-keystroke")
+def server_for(args, work: str):
+    """The server to measure: one started on --model (its log in the work folder), or --url as it is.
+    Returns (process or None, url, pid or None, work folder)."""
+    log_dir = Path(args.work or work)
     log_dir.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        proc, url = start_server(args.model, args.env, log_dir, Path(args.server_root))
-        pid = proc.pid
+    if not args.model:
+        return None, args.url, None, log_dir
+    proc, url = start_server(args.model, args.env, log_dir, Path(args.server_root))
+    return proc, url, proc.pid, log_dir
+
+
+def cmd_load(args):
+    proc, url, pid, log_dir = server_for(args, "/tmp/kodkod-keystroke")
     try:
         with httpx.Client(timeout=60) as c:  # warm up: the first requests build caches
             for k in range(10):
@@ -292,12 +298,7 @@ def wait_for(cond, hold_s):
 
 
 def cmd_idle(args):
-    proc, url, pid = None, args.url, None
-    log_dir = Path(args.work or "/tmp/kodkod-idle")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    if args.model:
-        proc, url = start_server(args.model, args.env, log_dir, Path(args.server_root))
-        pid = proc.pid
+    proc, url, pid, log_dir = server_for(args, "/tmp/kodkod-idle")
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     procs = -(-args.connections // max(1, soft - 100))  # one process may hold soft - 100 sockets
     per = -(-args.connections // procs)

@@ -1,6 +1,7 @@
 """Helpers for the server tests (importable: pytest puts this folder on sys.path)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -59,3 +60,10 @@ def sse_events(lines):
             yield data if data == "[DONE]" else json.loads(data)
 
 
+async def eventually(cond, tries: int = 500, every_s: float = 0.01) -> None:
+    """Wait until cond() holds (polling), or fail the test."""
+    for _ in range(tries):
+        if cond():
+            return
+        await asyncio.sleep(every_s)
+    raise AssertionError("condition not reached")

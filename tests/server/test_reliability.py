@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from srvutil import serve_live, sse_events, wait_done
+from srvutil import eventually, serve_live, sse_events, wait_done
 
 PY = {"language": "python", "segments": {"prefix": "import os\n\ndef main():\n    ", "suffix": "\n"}}
 # decodes until max_tokens: no stop strings, greedy
@@ -334,20 +334,13 @@ def test_full_queue_never_cancels_the_running_request(serve):
     url, app = serve(queue_size=1, max_tokens=400)
     srv, worker = app.state.server, app.state.server.worker
 
-    async def wait(cond):
-        for _ in range(500):
-            if cond():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition not reached")
-
     async def main():
         async with httpx.AsyncClient(timeout=30) as c, c.stream(
                 "POST", f"{url}/v1/completions", json={**LONG, "max_tokens": 40, "stream": True, "user": "a"}) as r:
             lines = r.aiter_lines()
             first = await _first_event(lines)
             queued = asyncio.create_task(c.post(f"{url}/v1/completions", json={**PY, "max_tokens": 2, "user": "b"}))
-            await wait(lambda: worker.depth == 1)
+            await eventually(lambda: worker.depth == 1)
             newer_a = await c.post(f"{url}/v1/completions", json={**PY, "max_tokens": 2, "user": "a"})
             other = await c.post(f"{url}/v1/completions", json={**PY, "max_tokens": 2, "user": "c"})
             newer_b = asyncio.create_task(c.post(f"{url}/v1/completions", json={**PY, "max_tokens": 2, "user": "b"}))

@@ -6,6 +6,7 @@ import re
 
 import httpx
 import pytest
+from srvutil import eventually
 from starlette.testclient import TestClient
 
 JSON_TYPE = {"content-type": "application/json"}
@@ -217,20 +218,13 @@ def test_queue_full_503_and_supersede_queued(make_app):
     app = make_app(queue_size=1, max_tokens=400)
     worker = app.state.server.worker
 
-    async def until(cond):
-        for _ in range(500):
-            if cond():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition not reached")
-
     async def main():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
             long = asyncio.create_task(_post(c, {**RAW_LONG, "max_tokens": 400, "user": "a"}))
-            await until(lambda: worker.busy and worker.depth == 0)  # `long` runs now
+            await eventually(lambda: worker.busy and worker.depth == 0)  # `long` runs now
             queued = asyncio.create_task(_post(c, {**PY, "max_tokens": 2, "user": "b"}))
-            await until(lambda: worker.depth == 1)
+            await eventually(lambda: worker.depth == 1)
             full = await _post(c, {**PY, "max_tokens": 2, "user": "c"})
             # a newer request of user b takes the place of the queued one
             newer = asyncio.create_task(_post(c, {**PY, "max_tokens": 2, "user": "b"}))
