@@ -37,7 +37,8 @@ def resolve_model(name: str | None, home: Path, device: str = "auto", engine: st
     """A directory as given, else a known model name (or the default), made ready first (server.first_start).
 
     On a CPU (and for `--engine openai`, which reads only the tokenizer) that is the imported fp16
-    model; on a GPU the EXL2 conversion. What the first start will do is printed before it starts.
+    model; on a GPU what the model's entry says (`KnownModel.gpu_form`: the fp16 import for the
+    default model, else its EXL2 conversion). What the first start will do is printed before it starts.
     """
     if name and Path(name).expanduser().is_dir():
         return Path(name).expanduser()
