@@ -119,6 +119,21 @@ void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mod
   check_launch();
 }
 
+void gemv_tokens(const MatrixHandle& mat, torch::Tensor x, torch::Tensor out, torch::Tensor scratch) {
+  check(x, torch::kHalf, "x");
+  check(out, torch::kHalf, "out");
+  check(scratch, torch::kHalf, "scratch");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kodkod::kMaxTokens, "x must be [1..16, k]");
+  const int64_t tokens = x.size(0), stride = (mat.m.x_len + 7) / 8 * 8;
+  TORCH_CHECK(x.size(1) <= mat.m.x_len, "input longer than the matrix's rows");
+  TORCH_CHECK(out.numel() >= tokens * mat.m.n_out, "out too small");
+  TORCH_CHECK(scratch.numel() >= tokens * stride, "scratch too small");
+  const c10::cuda::CUDAGuard guard(x.device());
+  kodkod::gemv_tokens(mat.m, ptr<const half>(x), static_cast<int>(tokens), static_cast<int>(x.size(1)),
+                      ptr<half>(out), ptr<half>(scratch), stream());
+  check_launch();
+}
+
 void dequant(const MatrixHandle& mat, torch::Tensor out) {
   check(out, torch::kHalf, "out");
   TORCH_CHECK(mat.m.q_scale != nullptr, "dequant needs an EXL2 matrix");
@@ -237,6 +252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("act"), pybind11::arg("outs"), pybind11::arg("partials") = pybind11::none(),
         pybind11::arg("counters") = pybind11::none());
   m.def("dequant", &dequant);
+  m.def("gemv_tokens", &gemv_tokens);
   m.def("decode_attention", &decode_attention);
   m.def("attention_splits", &kodkod::attention_splits);
   m.def("sample", &sample);

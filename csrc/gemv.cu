@@ -543,6 +543,106 @@ __global__ void dequant_kernel(const Matrix m, half* out) {
   }
 }
 
+
+// ---- A few tokens at once (up to kMaxTokens): speculative verification and short prefills. ----
+// The same tiles, chunks and decode as one token, but every decoded weight multiplies the inputs
+// of all T tokens, so the weights are read once for all of them. The inputs come permuted and
+// zero-padded from gather_tokens_kernel (x_perm [tokens, x_stride] in global memory: it is small
+// and L1/L2-resident, and T rows of a long K would not fit shared memory); no fused prologue,
+// epilogue or split: fp16 in, fp16 (+ bias) out.
+__global__ void gather_tokens_kernel(const half* x, int tokens, int k_in, const int* perm, int x_len, int stride,
+                                     half* xp) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (k >= stride || t >= tokens) return;
+  xp[(size_t)t * stride + k] = k < x_len && k < k_in ? x[(size_t)t * k_in + (perm ? perm[k] : k)] : __float2half(0.f);
+}
+
+template <int T>
+__device__ __forceinline__ void fma_tokens(const float (&w)[kLaneCols], const half* xp, int stride, int row,
+                                           int tokens, float (&acc)[T][kLaneCols]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    if (t >= tokens) break;
+    const float x = __half2float(__ldg(xp + (size_t)t * stride + row));
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) acc[t][c] = fmaf(w[c], x, acc[t][c]);
+  }
+}
+
+template <int B, int T>
+__device__ __forceinline__ void exl2_chunk_tokens(int4 meta, const float (&scale)[kLaneCols],
+                                                  const uint4 (&raw)[kMaxWords], const half* xp, int stride,
+                                                  int tokens, float (&acc)[T][kLaneCols]) {
+  constexpr int V = chunk_values(B);
+  constexpr float kBias = 8388608.f + float(1 << (B - 1));
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int bit = i * B, wi = bit / 32, sh = bit % 32;
+    float w[kLaneCols];
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) {
+      uint32_t q = lane_word(raw[wi], c) >> sh;
+      if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
+      q &= (1u << B) - 1u;
+      w[c] = (__uint_as_float(0x4B000000u | q) - kBias) * scale[c];
+    }
+    fma_tokens<T>(w, xp, stride, meta.y + i, tokens, acc);
+  }
+}
+
+template <int T>
+__global__ void __launch_bounds__(kThreads) gemv_tokens_kernel(const Matrix m, const half* xp, int stride, int tokens,
+                                                              half* out) {
+  constexpr int LANES = 8, TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
+  __shared__ float red[(kThreads / 32) * (TILE + 1)];
+  const int tile = blockIdx.x, lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
+  const int col0 = tile * TILE + lane * kLaneCols;
+  float acc[T][kLaneCols];
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) acc[t][c] = 0.f;
+  if (col0 < m.n) {
+    for (int i = slice; i < m.n_chunks; i += SLICES) {
+      const int4 meta = __ldg(m.chunks + i);
+      if (meta.w == kDenseBits) {
+        const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
+        for (int r = 0; r < meta.z; ++r) {
+          const uint2 raw = __ldg(reinterpret_cast<const uint2*>(base + (size_t)r * m.n));
+          const float2 a = __half22float2(*reinterpret_cast<const half2*>(&raw.x));
+          const float2 b = __half22float2(*reinterpret_cast<const half2*>(&raw.y));
+          const float w[kLaneCols] = {a.x, a.y, b.x, b.y};
+          fma_tokens<T>(w, xp, stride, meta.y + r, tokens, acc);
+        }
+        continue;
+      }
+      uint4 raw[kMaxWords];
+      const int words = chunk_words(meta.w);
+#pragma unroll
+      for (int j = 0; j < kMaxWords; ++j)
+        if (j < words) raw[j] = __ldg(reinterpret_cast<const uint4*>(m.q_weight + (size_t)(meta.x + j) * m.n + col0));
+      float scale[kLaneCols];
+      group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
+      switch (meta.w) {
+        case 2: exl2_chunk_tokens<2, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 3: exl2_chunk_tokens<3, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 4: exl2_chunk_tokens<4, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 5: exl2_chunk_tokens<5, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 6: exl2_chunk_tokens<6, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        default: exl2_chunk_tokens<8, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+      }
+    }
+  }
+  const int col = tile * TILE + threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    if (t >= tokens) break;  // uniform across the block: every thread leaves together
+    const float y = reduce_slices<LANES>(acc[t], red);
+    if (threadIdx.x < TILE && col < m.n_out)
+      out[(size_t)t * m.n_out + col] = __float2half(y + (m.bias ? __half2float(m.bias[col]) : 0.f));
+  }
+}
+
 }  // namespace
 
 int sm_count() {
@@ -634,6 +734,26 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
     three ? launch_gemv<32, 3>(a, stream) : launch_gemv<32, 2>(a, stream);
   else
     three ? launch_gemv<8, 3>(a, stream) : launch_gemv<8, 2>(a, stream);
+}
+
+template <int T>
+void launch_gemv_tokens(const Matrix& m, const half* xp, int stride, int tokens, half* out, cudaStream_t stream) {
+  gemv_tokens_kernel<T><<<(m.n_out + 31) / 32, kThreads, 0, stream>>>(m, xp, stride, tokens, out);
+}
+
+void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,
+                 cudaStream_t stream) {
+  const int stride = (m.x_len + 7) / 8 * 8;
+  gather_tokens_kernel<<<dim3((stride + 255) / 256, tokens), 256, 0, stream>>>(x, tokens, k_in, m.perm, m.x_len,
+                                                                              stride, scratch);
+  if (tokens <= 2)
+    launch_gemv_tokens<2>(m, scratch, stride, tokens, out, stream);
+  else if (tokens <= 4)
+    launch_gemv_tokens<4>(m, scratch, stride, tokens, out, stream);
+  else if (tokens <= 8)
+    launch_gemv_tokens<8>(m, scratch, stride, tokens, out, stream);
+  else
+    launch_gemv_tokens<16>(m, scratch, stride, tokens, out, stream);
 }
 
 void dequant(const Matrix& m, half* out, cudaStream_t stream) {

@@ -61,6 +61,12 @@ struct GemvArgs {
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
 
+// The same product for a few tokens at once (1 to kMaxTokens): x [tokens, k_in] fp16 in, out
+// [tokens, n_out] fp16 (+ bias); scratch holds tokens x (x_len rounded up to 8) halfs (the inputs,
+// permuted). Weights are read once for all the tokens.
+constexpr int kMaxTokens = 16;
+void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch, cudaStream_t stream);
+
 // Dequantize one EXL2 matrix to W [k, n] fp16 in the original row order (rows scattered through
 // perm), so that a prefill multiplies the activations as they are.
 void dequant(const Matrix& m, half* out, cudaStream_t stream);
