@@ -12,15 +12,16 @@ TORCH_CPU ?= torch==2.13.0
 all: install
 
 # The server needs only the project; the tests add the dev extras (transformers, ...).
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every runtime dependency but torch (deploy/lock.py writes it).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU)
-	$(PIP) install -q -e .
+	$(PIP) install -q -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,8 +34,10 @@ test: install-dev
 	PY=$(PY) bash editors/test.sh
 	$(PY) -m pytest -q
 
+# PORT=9000 make serve for another port.
+PORT ?= 8080
 serve: install
-	$(VENV)/bin/kodkod serve --port 8080
+	$(VENV)/bin/kodkod serve --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,9 @@
 """End-to-end latency of one completion through HTTP: `kodkod serve` on a model, Tabby requests.
 
 python benchmarks/http_latency.py MODEL_DIR [--tokens 1500] [--new 32] [--requests 30] [--backend cuda]
-Starts a real server on 127.0.0.1, sends sequential requests whose raw prompt is about --tokens
-tokens long (each request's prompt differs, so no KV reuse helps), asks for --new tokens
+Starts a real server on 127.0.0.1, sends sequential requests whose raw prompt is --tokens tokens
+long in the model's own tokenizer (random words; each request's prompt differs, so no KV reuse
+helps), asks for --new tokens
 (greedy, no stop rules), and prints p50/p95 of the request latency measured by the client.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import time
 
 import httpx
+from tokenizers import Tokenizer
 
 
 def free_port() -> int:
@@ -54,9 +56,11 @@ def main() -> int:
                     raise SystemExit("the server exited")
                 time.sleep(0.5)
             rng = random.Random(0)
+            tok = Tokenizer.from_file(os.path.join(args.model, "tokenizer.json"))
             times, generated = [], []
             for i in range(args.requests + 3):
                 words = " ".join(f"t{rng.randrange(1, 30000)}" for _ in range(args.tokens))
+                words = tok.decode(tok.encode(words).ids[: args.tokens])  # exactly about --tokens tokens
                 body = {"language": "python", "debug_options": {"raw_prompt": words},
                         "max_tokens": args.new, "temperature": 0}
                 t0 = time.perf_counter()

@@ -8,6 +8,7 @@
 // fixed order (deterministic), and resets the head's counter for the next launch.
 #include "kodkod.h"
 #include "launch.cuh"
+#include "trace.cuh"
 
 #include <algorithm>
 #include <cfloat>
@@ -60,11 +61,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   __shared__ float q[kMaxDim], kn[kMaxDim], vn[kMaxDim];
   __shared__ float p[kMaxChunk];
   __shared__ float red[32];
-  __shared__ float2 part[kThreads];
+  __shared__ float2 part[kThreads * 4];  // [groups][d] partial weighted values (kThreads * 8 floats)
   __shared__ bool last;
 
   const int h = blockIdx.x, split = blockIdx.y, d = a.d;
   const int kvh = h / (a.heads / a.kv_heads);
+  trace_point(a.trace, 0);
   const int pos = *a.pos;  // written by the previous step's sampler, not by the kernel before this one
   {  // this thread's cached key and value rows: into L2 while the QKV kernel may still run
     const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
@@ -78,8 +80,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       }
     }
   }
+  trace_point(a.trace, 1);
   pdl_wait();
   pdl_trigger();
+  trace_point(a.trace, 2);
   const half* qsrc = a.qkv + (size_t)h * d;
   const half* ksrc = a.qkv + (size_t)a.heads * d + (size_t)kvh * d;
   const half* vsrc = ksrc + (size_t)a.kv_heads * d;
@@ -105,6 +109,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     }
   }
 
+  trace_point(a.trace, 3);
   const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
   // At least kMinChunk positions per split: fewer partial results to merge on short contexts.
   const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
@@ -121,18 +126,21 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       float dot = 0.f;
       if (t == pos) {
         for (int i = 0; i < d; ++i) dot = fmaf(q[i], kn[i], dot);
-      } else {
+      } else {  // four partial sums: short dependency chains
+        float part4[4] = {0.f, 0.f, 0.f, 0.f};
         const uint4* kr = reinterpret_cast<const uint4*>(a.k_cache + ((size_t)t * a.kv_heads + kvh) * d);
+#pragma unroll 4
         for (int i = 0; i < d / 8; ++i) {
           const uint4 raw = kr[i];
           const half2* h2 = reinterpret_cast<const half2*>(&raw);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const float2 f = __half22float2(h2[j]);
-            dot = fmaf(q[8 * i + 2 * j], f.x, dot);
-            dot = fmaf(q[8 * i + 2 * j + 1], f.y, dot);
+            part4[j] = fmaf(q[8 * i + 2 * j], f.x, part4[j]);
+            part4[j] = fmaf(q[8 * i + 2 * j + 1], f.y, part4[j]);
           }
         }
+        dot = (part4[0] + part4[1]) + (part4[2] + part4[3]);
       }
       p[t - t0] = dot * a.scale;
     }
@@ -147,30 +155,40 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
       sum += e;
     }
     sum = block_reduce(sum, red, false);  // its barrier also publishes p
-    // Weighted values: a thread owns two dims (one half2 load per position) of one group of positions.
-    const int pairs = d / 2, groups = max(1, kThreads / pairs);
-    const int lane = threadIdx.x % pairs, group = threadIdx.x / pairs;
-    float2 acc = make_float2(0.f, 0.f);
+    // Weighted values: a thread owns 8 dims (one 16-byte load per position) of one group of
+    // positions, so a block keeps kThreads / (d / 8) positions' loads in flight at once.
+    const int octets = d / 8, groups = kThreads / octets;
+    const int lane = threadIdx.x % octets, group = threadIdx.x / octets;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (group < groups) {
-      const half2* vc = reinterpret_cast<const half2*>(a.v_cache) + kvh * pairs + lane;
+      const uint4* vc = reinterpret_cast<const uint4*>(a.v_cache + (size_t)kvh * d) + lane;
 #pragma unroll 4
       for (int t = t0 + group; t < t1; t += groups) {
-        const float2 v = t == pos ? make_float2(vn[2 * lane], vn[2 * lane + 1])
-                                  : __half22float2(vc[(size_t)t * a.kv_heads * pairs]);
-        acc.x = fmaf(p[t - t0], v.x, acc.x);
-        acc.y = fmaf(p[t - t0], v.y, acc.y);
+        const float w = p[t - t0];
+        if (t == pos) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, vn[8 * lane + e], acc[e]);
+        } else {
+          const uint4 raw = vc[(size_t)t * a.kv_heads * octets];
+          const half2* h2 = reinterpret_cast<const half2*>(&raw);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = __half22float2(h2[e]);
+            acc[2 * e] = fmaf(w, f.x, acc[2 * e]);
+            acc[2 * e + 1] = fmaf(w, f.y, acc[2 * e + 1]);
+          }
+        }
       }
     }
-    part[threadIdx.x] = acc;
+    float* vsum = reinterpret_cast<float*>(part);  // [groups][d]
+    if (group < groups)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vsum[group * d + 8 * lane + e] = acc[e];
     __syncthreads();
-    if (threadIdx.x < pairs) {
-      float2 s = make_float2(0.f, 0.f);
-      for (int g = 0; g < groups; ++g) {
-        s.x += part[g * pairs + threadIdx.x].x;
-        s.y += part[g * pairs + threadIdx.x].y;
-      }
-      out_part[2 * threadIdx.x] = s.x;
-      out_part[2 * threadIdx.x + 1] = s.y;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      float s = 0.f;
+      for (int g = 0; g < groups; ++g) s += vsum[g * d + i];
+      out_part[i] = s;
     }
     if (threadIdx.x == 0) {
       out_part[d] = mx;
@@ -178,12 +196,16 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     }
   }
 
+  trace_point(a.trace, 4);
   // The last split of this head merges every split's partial result.
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(a.counters + h, 1) == a.splits - 1;
   __syncthreads();
-  if (!last) return;
+  if (!last) {
+    trace_point(a.trace, 5);
+    return;
+  }
   __threadfence();
   const float* parts_h = a.scratch + (size_t)h * a.splits * (d + 2);
   __shared__ float weight[kMaxSplits];  // exp(m_s - max) of each split, then divided by the total
@@ -204,6 +226,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     a.out[(size_t)h * d + i] = __float2half(o / total);
   }
   if (threadIdx.x == 0) a.counters[h] = 0;
+  trace_point(a.trace, 6);
+  trace_point(a.trace, 5);
 }
 
 }  // namespace
@@ -212,7 +236,9 @@ int attention_splits(int max_len) { return std::max(1, (max_len + kMaxChunk - 1)
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(a.heads, a.splits);
-  launch(attention_kernel, grid, dim3(kThreads), 0, stream, a);
+  AttentionArgs args = a;
+  args.trace = trace_region("attention", a.heads * a.splits);
+  launch(attention_kernel, grid, dim3(kThreads), 0, stream, args);
 }
 
 }  // namespace kodkod

@@ -49,6 +49,7 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   const int64_t n = q_weight.size(1);
   TORCH_CHECK(n % 32 == 0, "weight columns must be a multiple of 32, got ", n);
   TORCH_CHECK(n_out > 0 && n_out <= n, "n_out out of range");
+  TORCH_CHECK(!perm.has_value() || perm->numel() <= 65536, "the kernels take at most 65,536 input rows");
   MatrixHandle h;
   h.keep = {q_weight, chunks};
   for (const auto* t : {&q_scale, &q_scale_max, &perm, &bias})
@@ -58,10 +59,18 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   h.m.q_scale_max = opt_ptr<half>(q_scale_max, torch::kHalf, "q_scale_max");
   h.m.chunks = ptr<const int4>(chunks);
   h.m.perm = opt_ptr<int>(perm, torch::kInt32, "perm");
+  if (perm.has_value()) {  // 16-bit rows for the GEMV to copy into shared memory, padded to a multiple of 8
+    auto p16 = torch::zeros({(perm->numel() + 7) / 8 * 8}, perm->options().dtype(torch::kInt16));
+    p16.narrow(0, 0, perm->numel()).copy_(perm->bitwise_and(0xFFFF).to(torch::kInt16));
+    h.keep.push_back(p16);
+    h.m.perm16 = reinterpret_cast<const uint16_t*>(p16.data_ptr());
+  }
   h.m.bias = opt_ptr<half>(bias, torch::kHalf, "bias");
   h.m.n = static_cast<int>(n);
   h.m.n_out = static_cast<int>(n_out);
   h.m.n_chunks = static_cast<int>(chunks.size(0));
+  h.m.rows = static_cast<int>(q_weight.size(0));
+  h.m.groups = q_scale_max.has_value() ? static_cast<int>(q_scale_max->numel()) : 0;
   h.m.x_len = static_cast<int>(x_len);
   h.m.k = perm.has_value() ? static_cast<int>(perm->numel()) : static_cast<int>(x_len);
   return h;
@@ -107,6 +116,21 @@ void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mod
     a.counters_size = static_cast<int>(std::min<int64_t>(counters->numel(), INT32_MAX));
   }
   kodkod::gemv(a, stream());
+  check_launch();
+}
+
+void gemv_tokens(const MatrixHandle& mat, torch::Tensor x, torch::Tensor out, torch::Tensor scratch) {
+  check(x, torch::kHalf, "x");
+  check(out, torch::kHalf, "out");
+  check(scratch, torch::kHalf, "scratch");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kodkod::kMaxTokens, "x must be [1..16, k]");
+  const int64_t tokens = x.size(0), stride = (mat.m.x_len + 7) / 8 * 8;
+  TORCH_CHECK(x.size(1) <= mat.m.x_len, "input longer than the matrix's rows");
+  TORCH_CHECK(out.numel() >= tokens * mat.m.n_out, "out too small");
+  TORCH_CHECK(scratch.numel() >= tokens * stride, "scratch too small");
+  const c10::cuda::CUDAGuard guard(x.device());
+  kodkod::gemv_tokens(mat.m, ptr<const half>(x), static_cast<int>(tokens), static_cast<int>(x.size(1)),
+                      ptr<half>(out), ptr<half>(scratch), stream());
   check_launch();
 }
 
@@ -208,6 +232,16 @@ void embed(torch::Tensor table, torch::Tensor token, torch::Tensor out) {
   check_launch();
 }
 
+// Trace builds: the launches recorded since trace_reset(), and their timestamps [launches, blocks, points].
+pybind11::tuple trace_read() {
+  const int n = kodkod::trace_launches();
+  auto stamps = torch::zeros({n, kodkod::kTraceBlocks, kodkod::kTracePoints}, torch::kInt64);
+  if (n) TORCH_CHECK(kodkod::trace_read(reinterpret_cast<unsigned long long*>(stamps.data_ptr()), n), "trace_read");
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) names.emplace_back(kodkod::trace_name(i));
+  return pybind11::make_tuple(names, stamps);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -218,8 +252,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("act"), pybind11::arg("outs"), pybind11::arg("partials") = pybind11::none(),
         pybind11::arg("counters") = pybind11::none());
   m.def("dequant", &dequant);
+  m.def("gemv_tokens", &gemv_tokens);
   m.def("decode_attention", &decode_attention);
   m.def("attention_splits", &kodkod::attention_splits);
   m.def("sample", &sample);
   m.def("embed", &embed);
+  m.def("trace_reset", &kodkod::trace_reset);
+  m.def("trace_read", &trace_read);
 }

@@ -2,17 +2,21 @@
 //
 // A block owns a tile of 32 output columns (128 for the head) and a range of the rows: all of
 // them, or one of a few K splits whose partial sums the last split to finish adds in a fixed
-// order (no atomics on the outputs: the same result every run). Its 256 threads are row slices
-// x column lanes; a lane reads 4 columns of a packed row with one 16-byte load and decodes them
-// in registers. The EXL2 rows are cut into chunks that decode on their own (a chunk table per
-// matrix, staged in shared memory per block); each thread keeps two chunks in flight.
-// Before the kernel waits for its input (programmatic dependent launch, Hopper) it stages the
-// chunk table, sends its weights toward L2 and loads its first chunks; then the input is
-// gathered through the matrix's row permutation into shared memory, after an optional
-// RMSNorm/LayerNorm of the fp32 residual stream (fused here: no launch of its own).
+// order (no atomics on the outputs: the same result every run). The EXL2 rows are cut into
+// chunks that decode on their own (a chunk table per matrix).
+// Before the kernel waits for its input (programmatic dependent launch, Hopper) it copies, with
+// asynchronous copies that hold no registers, everything that does not depend on the previous
+// kernel into shared memory: its chunk-table entries, its permutation rows, the norm's weights,
+// and its weight rows (as many as the launcher's window holds; the rest are sent toward L2 and
+// read from global memory). So the weights stream in while the previous kernel still runs, with
+// every byte of the tile in flight at once. Then the input is gathered through the permutation,
+// after an optional RMSNorm/LayerNorm of the fp32 residual stream (fused: no launch of its own),
+// and the 256 threads (row slices x column lanes; a lane decodes 4 columns of a packed row, one
+// 16-byte word group) compute from shared memory.
 // Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x), store fp32 (logits).
 #include "kodkod.h"
 #include "launch.cuh"
+#include "trace.cuh"
 
 #include <algorithm>
 #include <cstdlib>
@@ -23,9 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kLaneCols = 4;   // columns per thread: one 16-byte load of packed words
 constexpr int kMaxWords = 5;   // words per chunk, at most (5-bit)
-constexpr int kBufWords = 3;   // words held ahead per chunk; a 5-bit chunk loads its last two when computed
 constexpr int kStage = 1024;   // chunk-table entries a block stages in shared memory
-constexpr int kPermAhead = 2;  // permutation rows per thread loaded before the input is ready
 constexpr int kDenseRows = 8;  // rows per dense chunk
 constexpr int kMaxSplits = 64;
 
@@ -59,9 +61,9 @@ __device__ float activate(float x, int act) {
 }
 
 // Scales of the 4 columns col0.. in group g: (code + 1)^2 * max / 256.
-__device__ __forceinline__ void group_scales(const Matrix& m, int g, int col0, float (&s)[kLaneCols]) {
-  const uint32_t codes = m.q_scale[(size_t)g * (m.n / 8) + col0 / 8] >> (4 * (col0 % 8));
-  const float smax = __half2float(m.q_scale_max[g]) * (1.f / 256.f);
+__device__ __forceinline__ void group_scales(uint32_t word, half max, int col0, float (&s)[kLaneCols]) {
+  const uint32_t codes = word >> (4 * (col0 % 8));
+  const float smax = __half2float(max) * (1.f / 256.f);
 #pragma unroll
   for (int c = 0; c < kLaneCols; ++c) {
     const float q = float(((codes >> (4 * c)) & 15u) + 1u);
@@ -74,44 +76,67 @@ __device__ __forceinline__ int chunk_rows(int4 meta) {
   return meta.w == kDenseBits ? meta.z : chunk_words(meta.w) * 32 / meta.w;
 }
 
-// The weights of one chunk for this thread's 4 columns, issued early so the loads are in flight
-// while the block does other work (dense chunks: 8 rows of 8 bytes, packed into the same registers).
-__device__ __forceinline__ void load_chunk(const Matrix& m, int4 meta, int col0, uint4 (&raw)[kBufWords]) {
-  if (meta.w == kDenseBits) {  // 8 rows of 4 halfs: the first 6 rows here, the last 2 when computed
-    const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
-    uint2* r2 = reinterpret_cast<uint2*>(raw);
-#pragma unroll
-    for (int i = 0; i < 2 * kBufWords; ++i)
-      r2[i] = i < meta.z ? __ldg(reinterpret_cast<const uint2*>(base + (size_t)i * m.n)) : make_uint2(0, 0);
-    return;
-  }
-  const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
-  const int words = chunk_words(meta.w);
-#pragma unroll
-  for (int j = 0; j < kBufWords; ++j)
-    if (j < words) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
+// Asynchronous copies to shared memory (sm_80+: cp.async, no registers held until the wait);
+// older GPUs copy through registers.
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+#else
+  *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+#endif
 }
 
-// The chunk's words: those held ahead, and for a 5-bit chunk the last two, loaded now.
-__device__ __forceinline__ void chunk_words_of(const Matrix& m, int4 meta, int col0, const uint4 (&buf)[kBufWords],
-                                               uint4 (&raw)[kMaxWords]) {
-#pragma unroll
-  for (int j = 0; j < kBufWords; ++j) raw[j] = buf[j];
-  if (meta.w == 5) {
-    const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
-    raw[3] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)3 * m.n));
-    raw[4] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)4 * m.n));
-  }
+__device__ __forceinline__ void copy8(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
+#else
+  *reinterpret_cast<uint2*>(dst) = __ldg(reinterpret_cast<const uint2*>(src));
+#endif
+}
+
+__device__ __forceinline__ void copies_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void copies_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// Packed rows a chunk covers.
+__device__ __forceinline__ int chunk_packed_rows(int4 meta) { return meta.w == kDenseBits ? meta.z : chunk_words(meta.w); }
+
+// One matrix of a block: its chunk range, and its packed rows [r_lo, r_hi) staged in shared
+// memory at w (rows from r_hi on are read from global memory).
+struct Part {
+  int c_lo = 0, c_hi = 0, k_lo = 0, k_hi = 0, r_lo = 0, r_hi = 0, r_end = 0;
+  int row_bytes = 0;  // one staged packed row of the tile
+  char* w = nullptr;
+  int g_lo = 0, g_n = 0;  // scale groups [g_lo, g_lo + g_n) staged (g_n 0: read from global memory)
+  uint32_t* codes = nullptr;  // [g_n, words per tile row of scale codes]
+  half* smax = nullptr;       // [g_n]
+};
+
+// Packed row r of this thread's 4 columns: 16 bytes of words (EXL2) or 8 bytes of halfs (dense).
+__device__ __forceinline__ uint4 row16(const Matrix& m, const Part& p, int r, int col0, int lane) {
+  if (r < p.r_hi) return *reinterpret_cast<const uint4*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + lane * 16);
+  return __ldg(reinterpret_cast<const uint4*>(m.q_weight + (size_t)r * m.n + col0));
+}
+
+__device__ __forceinline__ uint2 row8(const Matrix& m, const Part& p, int r, int col0, int lane) {
+  if (r < p.r_hi) return *reinterpret_cast<const uint2*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + lane * 8);
+  return __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const half*>(m.q_weight) + (size_t)r * m.n + col0));
 }
 
 template <int B>
-__device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
+__device__ __forceinline__ void exl2_chunk(int4 meta, const float (&scale)[kLaneCols], const uint4 (&raw)[kMaxWords],
                                            const half* xs, float (&acc)[kLaneCols]) {
   constexpr int V = chunk_values(B);
   constexpr int H = V > 16 ? 16 : V;  // values per pass: bounds the x registers for 32-value chunks
   constexpr float kBias = 8388608.f + float(1 << (B - 1));
-  float scale[kLaneCols];
-  group_scales(m, meta.z, col0, scale);
   float sum[kLaneCols] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int h = 0; h < V; h += H) {
@@ -139,15 +164,8 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, int4 meta, int col0,
   for (int c = 0; c < kLaneCols; ++c) acc[c] = fmaf(sum[c], scale[c], acc[c]);
 }
 
-__device__ __forceinline__ void dense_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&raw)[kMaxWords],
-                                            const half* xs, float (&acc)[kLaneCols]) {
-  uint2 r2[kDenseRows];
-#pragma unroll
-  for (int i = 0; i < 2 * kBufWords; ++i) r2[i] = reinterpret_cast<const uint2*>(raw)[i];
-  const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
-#pragma unroll
-  for (int i = 2 * kBufWords; i < kDenseRows; ++i)
-    r2[i] = i < meta.z ? __ldg(reinterpret_cast<const uint2*>(base + (size_t)i * m.n)) : make_uint2(0, 0);
+__device__ __forceinline__ void dense_chunk(int4 meta, const uint2 (&r2)[kDenseRows], const half* xs,
+                                            float (&acc)[kLaneCols]) {
 #pragma unroll
   for (int i = 0; i < kDenseRows; ++i) {
     if (i >= meta.z) break;
@@ -161,70 +179,43 @@ __device__ __forceinline__ void dense_chunk(const Matrix& m, int4 meta, int col0
   }
 }
 
-__device__ __forceinline__ void compute_chunk(const Matrix& m, int4 meta, int col0, const uint4 (&buf)[kBufWords],
+__device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, int col0, int lane,
                                               const half* xs, float (&acc)[kLaneCols]) {
+  if (meta.w == kDenseBits) {
+    uint2 r2[kDenseRows];
+#pragma unroll
+    for (int i = 0; i < kDenseRows; ++i) r2[i] = i < meta.z ? row8(m, p, meta.x + i, col0, lane) : make_uint2(0, 0);
+    dense_chunk(meta, r2, xs, acc);
+    return;
+  }
   uint4 raw[kMaxWords];
-  chunk_words_of(m, meta, col0, buf, raw);
+  const int words = chunk_words(meta.w);
+#pragma unroll
+  for (int j = 0; j < kMaxWords; ++j)
+    if (j < words) raw[j] = row16(m, p, meta.x + j, col0, lane);
+  float scale[kLaneCols];
+  const int g = meta.z - p.g_lo;
+  if (g >= 0 && g < p.g_n)
+    group_scales(p.codes[g * (p.row_bytes / 32) + lane / 2], p.smax[g], col0, scale);
+  else
+    group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
   switch (meta.w) {
-    case 2: exl2_chunk<2>(m, meta, col0, raw, xs, acc); break;
-    case 3: exl2_chunk<3>(m, meta, col0, raw, xs, acc); break;
-    case 4: exl2_chunk<4>(m, meta, col0, raw, xs, acc); break;
-    case 5: exl2_chunk<5>(m, meta, col0, raw, xs, acc); break;
-    case 6: exl2_chunk<6>(m, meta, col0, raw, xs, acc); break;
-    case 8: exl2_chunk<8>(m, meta, col0, raw, xs, acc); break;
-    default: dense_chunk(m, meta, col0, raw, xs, acc); break;
+    case 2: exl2_chunk<2>(meta, scale, raw, xs, acc); break;
+    case 3: exl2_chunk<3>(meta, scale, raw, xs, acc); break;
+    case 4: exl2_chunk<4>(meta, scale, raw, xs, acc); break;
+    case 5: exl2_chunk<5>(meta, scale, raw, xs, acc); break;
+    case 6: exl2_chunk<6>(meta, scale, raw, xs, acc); break;
+    default: exl2_chunk<8>(meta, scale, raw, xs, acc); break;
   }
 }
 
-// Chunk-table entries of this block's range: staged in shared memory (one coalesced load for
-// the whole block) when they fit, else read from global memory.
+// Chunk-table entries of this block's range: staged in shared memory when they fit, else read
+// from global memory.
 struct Chunks {
   const int4* staged;  // entry i of the range at staged[i - lo], or nullptr
   const int4* global;
   int lo;
   __device__ __forceinline__ int4 operator[](int i) const { return staged ? staged[i - lo] : __ldg(global + i); }
-};
-
-// One thread's chunks of a tile (first, first + stride, ... below end) with two of them in flight
-// ahead of the one being computed. `begin` issues the first two loads (before the kernel waits for
-// its input, where it can); `run` computes them all.
-template <int SLICES>
-struct ChunkPipe {
-  int4 meta0 = make_int4(0, 0, 0, 0), meta1 = make_int4(0, 0, 0, 0);
-  uint4 buf0[kBufWords], buf1[kBufWords];
-
-  __device__ __forceinline__ void begin(const Matrix& m, const Chunks& chunks, int first, int end, int col0) {
-    if (first < end) {
-      meta0 = chunks[first];
-      load_chunk(m, meta0, col0, buf0);
-    }
-    if (first + SLICES < end) {
-      meta1 = chunks[first + SLICES];
-      load_chunk(m, meta1, col0, buf1);
-    }
-  }
-
-  __device__ __forceinline__ void run(const Matrix& m, const Chunks& chunks, int first, int end, int col0,
-                                      const half* xs, float (&acc)[kLaneCols]) {
-#pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) acc[c] = 0.f;
-    for (int i = first; i < end; i += SLICES) {
-      int4 meta2 = meta1;
-      uint4 buf2[kBufWords];
-      if (i + 2 * SLICES < end) {
-        meta2 = chunks[i + 2 * SLICES];
-        load_chunk(m, meta2, col0, buf2);
-      }
-      compute_chunk(m, meta0, col0, buf0, xs, acc);
-      meta0 = meta1;
-      meta1 = meta2;
-#pragma unroll
-      for (int j = 0; j < kBufWords; ++j) {
-        buf0[j] = buf1[j];
-        buf1[j] = buf2[j];
-      }
-    }
-  }
 };
 
 // Sum the slices of each column; thread t < TILE gets column t of the tile. Slices that share a
@@ -250,30 +241,65 @@ __device__ float reduce_slices(float (&acc)[kLaneCols], float* red) {
   return s;
 }
 
-// x gathered through the permutation (the first kPermAhead rows of each thread may come with
-// their permutation already loaded), normalized if asked, into shared memory as fp16.
-__device__ void gather_input(const GemvArgs& a, const Matrix& m, int k_lo, int k_hi, half* xs, float mean,
-                             float rstd, const int* perm_ahead) {
-  for (int k = k_lo + threadIdx.x, u = 0; k < k_hi; k += blockDim.x, ++u) {
+// Shared memory of a block (dynamic part), in this order: the gathered input of each part
+// (fp16), each part's permutation rows (uint16, staged before the input is ready), and for the
+// norm modes the fp32 residual stream and the norm's weight and bias (fp16, staged early too).
+struct Smem {
+  half* xs;
+  uint16_t* perm;
+  float* h;
+  half* norm_w;
+  half* norm_b;
+  uint32_t* codes;  // per part a.scale_groups rows of tile_cols / 8 scale-code words
+  half* smax;       // per part a.scale_groups group maxima
+  char* w;          // the weight window: a.window bytes, split evenly between the parts
+};
+
+__host__ __device__ inline int part_stride(const GemvArgs& a) {
+  int s = 0;
+  for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) s = max(s, (a.mat[i].x_len + 7) / 8 * 8);
+  return s;
+}
+
+__host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, Smem* layout = nullptr,
+                                             char* base = nullptr) {
+  const int parts = a.out_mode == kOutGated ? 2 : 1, stride = part_stride(a);
+  const int k_pad = a.in_mode == kInHalf ? 0 : (a.k_in + 7) / 8 * 8;
+  const size_t xs = 0, perm = xs + sizeof(half) * parts * stride, h = perm + sizeof(uint16_t) * parts * stride,
+               nw = h + sizeof(float) * k_pad, nb = nw + sizeof(half) * k_pad,
+               codes = (nb + (a.in_mode == kInLayerNorm ? sizeof(half) * k_pad : 0) + 15) / 16 * 16,
+               smax = codes + sizeof(uint32_t) * parts * a.scale_groups * (tile_cols / 8),
+               w = (smax + sizeof(half) * parts * a.scale_groups + 15) / 16 * 16;
+  if (layout)
+    *layout = Smem{reinterpret_cast<half*>(base + xs), reinterpret_cast<uint16_t*>(base + perm),
+                   reinterpret_cast<float*>(base + h), reinterpret_cast<half*>(base + nw),
+                   reinterpret_cast<half*>(base + nb), reinterpret_cast<uint32_t*>(base + codes),
+                   reinterpret_cast<half*>(base + smax), base + w};
+  return w + a.window;
+}
+
+// Input rows [k_lo, k_hi) of one part into xs, through the staged permutation: fp16 input from
+// global memory, or the normalized residual stream from shared memory.
+__device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool permuted, int k_lo, int k_hi, int stride,
+                             float mean, float rstd) {
+  half* xs = sm.xs + j * stride;
+  const uint16_t* perm = sm.perm + j * stride;
+  for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
     float v = 0.f;
     if (k < a.k_in) {
-      const int src = perm_ahead && u < kPermAhead ? perm_ahead[u] : (m.perm ? m.perm[k] : k);
-      if (a.in_mode == kInHalf) {
+      const int src = permuted ? perm[k] : k;
+      if (a.in_mode == kInHalf)
         v = __half2float(static_cast<const half*>(a.x)[src]);
-      } else {
-        const float h = __ldg(static_cast<const float*>(a.x) + src);
-        if (a.in_mode == kInRmsNorm)
-          v = round_half(h * rstd) * __half2float(a.norm_w[src]);
-        else
-          v = (h - mean) * rstd * __half2float(a.norm_w[src]) + __half2float(a.norm_b[src]);
-      }
+      else if (a.in_mode == kInRmsNorm)
+        v = round_half(sm.h[src] * rstd) * __half2float(sm.norm_w[src]);
+      else
+        v = (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
     }
     xs[k] = __float2half(v);
   }
 }
 
 __host__ __device__ int tiles(const Matrix& m, int tile_cols) { return (m.n_out + tile_cols - 1) / tile_cols; }
-__host__ __device__ int x_stride(const Matrix& m) { return (m.x_len + 7) / 8 * 8; }
 
 // Chunk range [lo, hi) of split ks out of nks.
 __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
@@ -283,7 +309,7 @@ __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
 template <int LANES, int MIN_BLOCKS>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvArgs a) {
   constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
-  extern __shared__ __align__(16) half xs[];
+  extern __shared__ __align__(16) char smem[];
   __shared__ float red[(kThreads / 32) * (TILE + 1)];
   __shared__ float stats[32];
   __shared__ bool last;
@@ -296,98 +322,137 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   const int ks = blockIdx.y, nks = gridDim.y;
   const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
   const int col0 = tile * TILE + lane * kLaneCols;
+  trace_point(a.trace, 0);
+  Smem sm;
+  smem_bytes(a, TILE, &sm, smem);
+  const int stride = part_stride(a);
 
-  // Stage this block's chunk-table entries (weights and tables do not depend on the previous
-  // kernel, so all of this may overlap it), then send this thread's weights toward L2.
-  __shared__ int4 staged[kStage];
-  int2 range[2];
-  Chunks chunks[2];
-  int total = 0;
+  // This block's rows of each part: from the first and last chunk of its range.
+  Part p[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
-    range[j] = split_range(a.mat[mi + j], ks, nks);
-    total += range[j].y - range[j].x;
+    const Matrix& m = a.mat[mi + j];
+    const int2 range = split_range(m, ks, nks);
+    p[j].c_lo = range.x;
+    p[j].c_hi = range.y;
+    if (range.x < range.y) {
+      const int4 lo = __ldg(m.chunks + range.x), hi = __ldg(m.chunks + range.y - 1);
+      p[j].k_lo = lo.y;
+      p[j].k_hi = hi.y + chunk_rows(hi);
+      p[j].r_lo = lo.x;
+      p[j].r_end = hi.x + chunk_packed_rows(hi);
+      if (m.q_scale && hi.z - lo.z < a.scale_groups) {
+        p[j].g_lo = lo.z;
+        p[j].g_n = hi.z - lo.z + 1;
+      }
+    }
+    p[j].codes = sm.codes + j * a.scale_groups * (TILE / 8);
+    p[j].smax = sm.smax + j * a.scale_groups;
+    p[j].row_bytes = TILE * (m.q_scale ? 4 : 2);
+    p[j].w = sm.w + j * (a.window / parts);
+    p[j].r_hi = min(p[j].r_end, p[j].r_lo + (a.window / parts) / p[j].row_bytes);
   }
-  const bool stage = total <= kStage;
+
+  // Everything that does not depend on the previous kernel, copied into shared memory now (so it
+  // may overlap that kernel): chunk-table entries, permutation rows, the norm's weights, weight rows.
+  __shared__ int4 staged[kStage];
+  Chunks chunks[2];
+  const bool stage = p[0].c_hi - p[0].c_lo + (parts > 1 ? p[1].c_hi - p[1].c_lo : 0) <= kStage;
   int offset = 0;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
-    chunks[j] = Chunks{stage ? staged + offset : nullptr, m.chunks, range[j].x};
+    chunks[j] = Chunks{stage ? staged + offset : nullptr, m.chunks, p[j].c_lo};
     if (stage)
-      for (int i = threadIdx.x; i < range[j].y - range[j].x; i += blockDim.x)
-        staged[offset + i] = __ldg(m.chunks + range[j].x + i);
-    offset += range[j].y - range[j].x;
+      for (int i = threadIdx.x; i < p[j].c_hi - p[j].c_lo; i += blockDim.x)
+        copy16(staged + offset + i, m.chunks + p[j].c_lo + i);
+    offset += p[j].c_hi - p[j].c_lo;
+    if (m.perm16)  // 4 rows per copy; chunk boundaries are multiples of 4 rows, the table is padded to 8
+      for (int k = p[j].k_lo + 4 * (int)threadIdx.x; k < min(p[j].k_hi, m.k); k += 4 * blockDim.x)
+        copy8(sm.perm + j * stride + k, m.perm16 + k);
+    const int pieces = p[j].row_bytes / 16, elem = m.q_scale ? 4 : 2;
+    const char* src = reinterpret_cast<const char*>(m.q_weight) + (size_t)tile * TILE * elem;
+    for (int i = threadIdx.x; i < (p[j].r_hi - p[j].r_lo) * pieces; i += blockDim.x) {
+      const int r = i / pieces, c = i % pieces;
+      if (tile * TILE + c * 16 / elem < m.n)
+        copy16(p[j].w + r * p[j].row_bytes + c * 16, src + ((size_t)(p[j].r_lo + r) * m.n) * elem + c * 16);
+    }
+    for (int i = threadIdx.x; i < p[j].g_n * (TILE / 32); i += blockDim.x) {  // 16 bytes of codes per 32 columns
+      const int g = i / (TILE / 32), c = i % (TILE / 32);
+      if (tile * TILE + c * 32 < m.n)
+        copy16(p[j].codes + g * (TILE / 8) + c * 4,
+               m.q_scale + (size_t)(p[j].g_lo + g) * (m.n / 8) + tile * (TILE / 8) + c * 4);
+    }
+    for (int i = threadIdx.x; i < p[j].g_n; i += blockDim.x) p[j].smax[i] = m.q_scale_max[p[j].g_lo + i];
+    for (int r = p[j].r_hi + slice; r < p[j].r_end; r += SLICES)  // beyond the window: toward L2
+      prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + col0) * elem);
   }
-  __syncthreads();
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j >= parts) break;
-    const Matrix& m = a.mat[mi + j];
-    for (int i = range[j].x + slice; i < range[j].y; i += SLICES) {
-      const int4 c = chunks[j][i];
-      const uint32_t* base = m.q_weight + (size_t)c.x * m.n + col0;
-      const int rows = c.w == kDenseBits ? c.z : chunk_words(c.w);
-      for (int r = 0; r < rows; ++r) prefetch_l2(base + (size_t)r * m.n);
+  if (a.in_mode != kInHalf) {
+    for (int i = 4 * threadIdx.x; i < a.k_in; i += 4 * blockDim.x) {
+      if (i + 4 <= a.k_in && a.k_in % 4 == 0) {
+        copy8(sm.norm_w + i, a.norm_w + i);
+        if (a.in_mode == kInLayerNorm) copy8(sm.norm_b + i, a.norm_b + i);
+      } else {
+        for (int e = i; e < min(i + 4, a.k_in); ++e) {
+          sm.norm_w[e] = a.norm_w[e];
+          if (a.in_mode == kInLayerNorm) sm.norm_b[e] = a.norm_b[e];
+        }
+      }
     }
   }
-  // The first matrix's first two chunks into registers, and the first rows of its permutation.
-  ChunkPipe<SLICES> pipe;
-  pipe.begin(a.mat[mi], chunks[0], range[0].x + slice, range[0].y, col0);
-  int k_lo[2] = {0, 0}, k_hi[2] = {0, 0};
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j >= parts || range[j].x >= range[j].y) continue;
-    const int4 lo = chunks[j][range[j].x], hi = chunks[j][range[j].y - 1];
-    k_lo[j] = lo.y;
-    k_hi[j] = hi.y + chunk_rows(hi);
-  }
-  int perm_ahead[kPermAhead];
-  const int* perm0 = a.mat[mi].perm;
-#pragma unroll
-  for (int u = 0; u < kPermAhead; ++u) {
-    const int k = k_lo[0] + threadIdx.x + u * kThreads;
-    perm_ahead[u] = k < k_hi[0] && k < a.k_in ? (perm0 ? __ldg(perm0 + k) : k) : 0;
-  }
+  copies_commit();
+  trace_point(a.trace, 1);
   pdl_wait();  // from here on the input (written by the previous kernel) is complete
   pdl_trigger();
+  trace_point(a.trace, 2);
 
+  // The residual stream is read once, into shared memory; the norm's sums come from the same pass
+  // (LayerNorm: its mean first, then the squares from shared memory). block_sum's barriers publish sm.h.
   float mean = 0.f, rstd = 1.f;
   if (a.in_mode != kInHalf) {
     const float* h = static_cast<const float*>(a.x);
     float s = 0.f;
-    if (a.in_mode == kInLayerNorm) {
-      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) s += __ldg(h + i);
-      mean = block_sum(s, stats) / a.k_in;
-    }
-    s = 0.f;
     for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-      const float d = __ldg(h + i) - mean;
-      s += d * d;
+      const float v = __ldcg(h + i);
+      sm.h[i] = v;
+      s += a.in_mode == kInLayerNorm ? v : v * v;
+    }
+    if (a.in_mode == kInLayerNorm) {
+      mean = block_sum(s, stats) / a.k_in;
+      s = 0.f;
+      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
+        const float d = sm.h[i] - mean;
+        s += d * d;
+      }
     }
     rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
   }
+  copies_wait();
+  __syncthreads();
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
-    if (range[j].x >= range[j].y) continue;
-    gather_input(a, a.mat[mi + j], k_lo[j], k_hi[j], xs + j * x_stride(a.mat[0]), mean, rstd,
-                 j == 0 ? perm_ahead : nullptr);
+    if (p[j].c_lo >= p[j].c_hi) continue;
+    gather_input(a, sm, j, a.mat[mi + j].perm16 != nullptr, p[j].k_lo, p[j].k_hi, stride, mean, rstd);
   }
   __syncthreads();
+  trace_point(a.trace, 3);
 
   float y[2] = {0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
-    float acc[kLaneCols];
     const Matrix& m = a.mat[mi + j];
-    if (j == 1) pipe.begin(m, chunks[1], range[1].x + slice, range[1].y, col0);
-    pipe.run(m, chunks[j], range[j].x + slice, range[j].y, col0, xs + j * x_stride(a.mat[0]), acc);
+    const half* xs = sm.xs + j * stride;
+    float acc[kLaneCols] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 2
+    for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES)
+      compute_chunk(m, p[j], chunks[j][i], col0, lane, xs, acc);
     y[j] = reduce_slices<LANES>(acc, red);
   }
+  trace_point(a.trace, 4);
 
   if (nks > 1) {  // the last split of this tile adds every split's partial sums, in order
     float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
@@ -399,7 +464,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1) == nks - 1;
     __syncthreads();
-    if (!last) return;
+    if (!last) {
+      trace_point(a.trace, 5);
+      return;
+    }
     __threadfence();
     if (threadIdx.x < TILE) {
       y[0] = y[1] = 0.f;
@@ -410,7 +478,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       }
     }
     if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;
+    trace_point(a.trace, 6);  // the merge's end (last split only)
   }
+  trace_point(a.trace, 5);
 
   if (threadIdx.x >= TILE) return;
   const Matrix& m = a.mat[mi];
@@ -439,7 +509,7 @@ __device__ void dequant_chunk(const Matrix& m, int4 meta, int col0, half* out) {
 #pragma unroll
   for (int j = 0; j < W; ++j) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
   float scale[kLaneCols];
-  group_scales(m, meta.z, col0, scale);
+  group_scales(m.q_scale[(size_t)meta.z * (m.n / 8) + col0 / 8], m.q_scale_max[meta.z], col0, scale);
   constexpr float kBias = 8388608.f + float(1 << (B - 1));
 #pragma unroll
   for (int i = 0; i < V; ++i) {
@@ -473,6 +543,106 @@ __global__ void dequant_kernel(const Matrix m, half* out) {
   }
 }
 
+
+// ---- A few tokens at once (up to kMaxTokens): speculative verification and short prefills. ----
+// The same tiles, chunks and decode as one token, but every decoded weight multiplies the inputs
+// of all T tokens, so the weights are read once for all of them. The inputs come permuted and
+// zero-padded from gather_tokens_kernel (x_perm [tokens, x_stride] in global memory: it is small
+// and L1/L2-resident, and T rows of a long K would not fit shared memory); no fused prologue,
+// epilogue or split: fp16 in, fp16 (+ bias) out.
+__global__ void gather_tokens_kernel(const half* x, int tokens, int k_in, const int* perm, int x_len, int stride,
+                                     half* xp) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+  if (k >= stride || t >= tokens) return;
+  xp[(size_t)t * stride + k] = k < x_len && k < k_in ? x[(size_t)t * k_in + (perm ? perm[k] : k)] : __float2half(0.f);
+}
+
+template <int T>
+__device__ __forceinline__ void fma_tokens(const float (&w)[kLaneCols], const half* xp, int stride, int row,
+                                           int tokens, float (&acc)[T][kLaneCols]) {
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    if (t >= tokens) break;
+    const float x = __half2float(__ldg(xp + (size_t)t * stride + row));
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) acc[t][c] = fmaf(w[c], x, acc[t][c]);
+  }
+}
+
+template <int B, int T>
+__device__ __forceinline__ void exl2_chunk_tokens(int4 meta, const float (&scale)[kLaneCols],
+                                                  const uint4 (&raw)[kMaxWords], const half* xp, int stride,
+                                                  int tokens, float (&acc)[T][kLaneCols]) {
+  constexpr int V = chunk_values(B);
+  constexpr float kBias = 8388608.f + float(1 << (B - 1));
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int bit = i * B, wi = bit / 32, sh = bit % 32;
+    float w[kLaneCols];
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) {
+      uint32_t q = lane_word(raw[wi], c) >> sh;
+      if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
+      q &= (1u << B) - 1u;
+      w[c] = (__uint_as_float(0x4B000000u | q) - kBias) * scale[c];
+    }
+    fma_tokens<T>(w, xp, stride, meta.y + i, tokens, acc);
+  }
+}
+
+template <int T>
+__global__ void __launch_bounds__(kThreads) gemv_tokens_kernel(const Matrix m, const half* xp, int stride, int tokens,
+                                                              half* out) {
+  constexpr int LANES = 8, TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
+  __shared__ float red[(kThreads / 32) * (TILE + 1)];
+  const int tile = blockIdx.x, lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
+  const int col0 = tile * TILE + lane * kLaneCols;
+  float acc[T][kLaneCols];
+#pragma unroll
+  for (int t = 0; t < T; ++t)
+#pragma unroll
+    for (int c = 0; c < kLaneCols; ++c) acc[t][c] = 0.f;
+  if (col0 < m.n) {
+    for (int i = slice; i < m.n_chunks; i += SLICES) {
+      const int4 meta = __ldg(m.chunks + i);
+      if (meta.w == kDenseBits) {
+        const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
+        for (int r = 0; r < meta.z; ++r) {
+          const uint2 raw = __ldg(reinterpret_cast<const uint2*>(base + (size_t)r * m.n));
+          const float2 a = __half22float2(*reinterpret_cast<const half2*>(&raw.x));
+          const float2 b = __half22float2(*reinterpret_cast<const half2*>(&raw.y));
+          const float w[kLaneCols] = {a.x, a.y, b.x, b.y};
+          fma_tokens<T>(w, xp, stride, meta.y + r, tokens, acc);
+        }
+        continue;
+      }
+      uint4 raw[kMaxWords];
+      const int words = chunk_words(meta.w);
+#pragma unroll
+      for (int j = 0; j < kMaxWords; ++j)
+        if (j < words) raw[j] = __ldg(reinterpret_cast<const uint4*>(m.q_weight + (size_t)(meta.x + j) * m.n + col0));
+      float scale[kLaneCols];
+      group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
+      switch (meta.w) {
+        case 2: exl2_chunk_tokens<2, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 3: exl2_chunk_tokens<3, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 4: exl2_chunk_tokens<4, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 5: exl2_chunk_tokens<5, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        case 6: exl2_chunk_tokens<6, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+        default: exl2_chunk_tokens<8, T>(meta, scale, raw, xp, stride, tokens, acc); break;
+      }
+    }
+  }
+  const int col = tile * TILE + threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < T; ++t) {
+    if (t >= tokens) break;  // uniform across the block: every thread leaves together
+    const float y = reduce_slices<LANES>(acc[t], red);
+    if (threadIdx.x < TILE && col < m.n_out)
+      out[(size_t)t * m.n_out + col] = __float2half(y + (m.bias ? __half2float(m.bias[col]) : 0.f));
+  }
+}
+
 }  // namespace
 
 int sm_count() {
@@ -485,43 +655,69 @@ int sm_count() {
   return count;
 }
 
+// Shared memory a block of this build may use beyond its static arrays, for MIN_BLOCKS blocks per SM.
+template <int LANES, int MIN_BLOCKS>
+int dynamic_smem_budget() {
+  static int budget = -1;
+  if (budget < 0) {
+    int dev = 0, per_sm = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
+    cudaFuncAttributes attr{};
+    cudaFuncGetAttributes(&attr, gemv_kernel<LANES, MIN_BLOCKS>);
+    budget = std::max(0, per_sm / MIN_BLOCKS - 1024 - (int)attr.sharedSizeBytes) / 16 * 16;  // 1 KB: reserved per block
+    if (budget > 48 * 1024)
+      cudaFuncSetAttribute(gemv_kernel<LANES, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
+    else
+      budget = 48 * 1024 - (int)attr.sharedSizeBytes;
+  }
+  return budget;
+}
+
 template <int LANES, int MIN_BLOCKS>
 void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   constexpr int TILE = LANES * kLaneCols;
   const bool gated = a.out_mode == kOutGated;
   const int parts = gated ? 2 : 1;
   int blocks = 0, min_chunks = 1 << 30;
-  size_t smem = 0;
   for (int i = 0; i < a.n_mats; ++i) {
     if (!gated || i == 0) blocks += tiles(a.mat[i], TILE);
     min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
   }
-  smem = gated ? (x_stride(a.mat[0]) + x_stride(a.mat[1])) * sizeof(half) : 0;
-  if (!gated)
-    for (int i = 0; i < a.n_mats; ++i) smem = std::max(smem, x_stride(a.mat[i]) * sizeof(half));
-  // Split K while the grid still fits in one wave of resident blocks, keeping at least 32 chunks per split.
-  static int resident = 0;
-  if (!resident) {
-    int per_sm = 1;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gemv_kernel<LANES, MIN_BLOCKS>, kThreads, 16 * 1024);
-    resident = std::max(1, per_sm) * sm_count();
-  }
+  GemvArgs args = a;
+  args.window = 0;
+  args.scale_groups = 0;
+  // Staged bytes per block for `splits` splits: each part's share of its packed rows (a margin for
+  // chunk boundaries and uneven bit widths), the same window for every part.
+  auto window = [&](int splits) {
+    int w = 0;
+    for (int i = 0; i < (gated ? 2 : a.n_mats); ++i) {
+      const int row_bytes = TILE * (a.mat[i].q_scale ? 4 : 2);
+      w = std::max(w, ((a.mat[i].rows * 5 / 4 + splits - 1) / splits + 8) * row_bytes);
+    }
+    return w * parts;
+  };
+  // Split K while the grid fits in one wave of resident blocks and each split keeps enough chunks.
+  // The window holds a block's weight rows where shared memory allows; rows beyond it are read
+  // from global memory (after an L2 prefetch).
+  const int resident = MIN_BLOCKS * sm_count();
   int splits = 1;
   if (a.partials && a.counters && blocks <= a.counters_size) {
     static const int min_per_split = [] {  // KODKOD_GEMV_SPLIT_CHUNKS: an experiment knob
       const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
       return e && std::atoi(e) > 0 ? std::atoi(e) : 32;
     }();
-    splits = std::max(1, std::min({resident / blocks, min_chunks / min_per_split, kMaxSplits}));
+    const int most = std::max(1, std::min(kMaxSplits, min_chunks / 4));
+    splits = std::max(1, std::min({resident / blocks, min_chunks / min_per_split, most}));
     while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   }
-  static size_t smem_opt_in = 48 * 1024 - 24 * 1024;  // per instantiation; about 21 KB are static
-  if (smem > smem_opt_in) {
-    cudaFuncSetAttribute(gemv_kernel<LANES, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         (int)std::max(smem, (size_t)48 * 1024));
-    smem_opt_in = smem;
-  }
-  launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem, stream, a);
+  for (int i = 0; i < (gated ? 2 : a.n_mats); ++i)  // scale groups per split, with a margin for uneven splits
+    args.scale_groups = std::max(args.scale_groups, (a.mat[i].groups * 5 / 4 + splits - 1) / splits + 2);
+  const int room = std::max(0, dynamic_smem_budget<LANES, MIN_BLOCKS>() - (int)smem_bytes(args, TILE));
+  args.window = std::min(window(splits), room) / (16 * parts) * (16 * parts);
+  args.trace = trace_region(gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
+                            blocks * splits);
+  launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE), stream, args);
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {
@@ -538,6 +734,26 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
     three ? launch_gemv<32, 3>(a, stream) : launch_gemv<32, 2>(a, stream);
   else
     three ? launch_gemv<8, 3>(a, stream) : launch_gemv<8, 2>(a, stream);
+}
+
+template <int T>
+void launch_gemv_tokens(const Matrix& m, const half* xp, int stride, int tokens, half* out, cudaStream_t stream) {
+  gemv_tokens_kernel<T><<<(m.n_out + 31) / 32, kThreads, 0, stream>>>(m, xp, stride, tokens, out);
+}
+
+void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,
+                 cudaStream_t stream) {
+  const int stride = (m.x_len + 7) / 8 * 8;
+  gather_tokens_kernel<<<dim3((stride + 255) / 256, tokens), 256, 0, stream>>>(x, tokens, k_in, m.perm, m.x_len,
+                                                                              stride, scratch);
+  if (tokens <= 2)
+    launch_gemv_tokens<2>(m, scratch, stride, tokens, out, stream);
+  else if (tokens <= 4)
+    launch_gemv_tokens<4>(m, scratch, stride, tokens, out, stream);
+  else if (tokens <= 8)
+    launch_gemv_tokens<8>(m, scratch, stride, tokens, out, stream);
+  else
+    launch_gemv_tokens<16>(m, scratch, stride, tokens, out, stream);
 }
 
 void dequant(const Matrix& m, half* out, cudaStream_t stream) {

@@ -21,10 +21,13 @@ struct Matrix {
   const half* q_scale_max;   // [G]
   const int4* chunks;        // [n_chunks]
   const int* perm;           // [K] x_perm[k] = x[perm[k]]; nullptr: identity
+  const uint16_t* perm16;    // the same as 16-bit rows, padded to a multiple of 8 (the GEMV stages it)
   const half* bias;          // [n_out] or nullptr
   int n;                     // row stride in columns (a multiple of 32)
   int n_out;                 // columns that exist
   int n_chunks;
+  int rows;                  // packed rows of q_weight (dense: K)
+  int groups;                // scale groups (EXL2; 0 for dense)
   int x_len;                 // rows of x the chunks read (K rounded up to whole chunks)
   int k;                     // rows that exist (K)
 };
@@ -51,9 +54,18 @@ struct GemvArgs {
   int partials_size;
   int* counters;  // zeroed once; every launch leaves them zero
   int counters_size;
+  int window;                 // set by the launcher: bytes of weight rows a block stages in shared memory
+  int scale_groups;           // set by the launcher: scale groups a block stages per part, at most
+  unsigned long long* trace;  // trace.cuh (set by the launcher)
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
+
+// The same product for a few tokens at once (1 to kMaxTokens): x [tokens, k_in] fp16 in, out
+// [tokens, n_out] fp16 (+ bias); scratch holds tokens x (x_len rounded up to 8) halfs (the inputs,
+// permuted). Weights are read once for all the tokens.
+constexpr int kMaxTokens = 16;
+void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch, cudaStream_t stream);
 
 // Dequantize one EXL2 matrix to W [k, n] fp16 in the original row order (rows scattered through
 // perm), so that a prefill multiplies the activations as they are.
@@ -74,6 +86,7 @@ struct AttentionArgs {
   int* counters;          // [heads] zeroed once; each launch leaves them zero again
   int heads, kv_heads, d, rot_dim, max_len, window, splits;
   float scale;
+  unsigned long long* trace;  // trace.cuh (set by the launcher)
 };
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
@@ -91,9 +104,17 @@ struct SampleArgs {
   int* pos;                  // device scalar incremented after the draw, or nullptr
   float* partial;            // [blocks * 2] scratch
   int* counter;              // one int, zeroed once
+  unsigned long long* trace; // trace.cuh (set by the launcher)
 };
 
 void sample(const SampleArgs& a, cudaStream_t stream);
+
+// Trace builds (trace.cuh): kTracePoints timestamps per block of each launch; forget the launches recorded so far and zero the buffer; copy it out.
+constexpr int kTraceSlots = 512, kTraceBlocks = 1024, kTracePoints = 8;
+void trace_reset();
+bool trace_read(unsigned long long* host, int slots);  // host holds slots x kTraceBlocks x kTracePoints
+int trace_launches();
+const char* trace_name(int launch);
 
 void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream);
 

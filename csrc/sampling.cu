@@ -7,6 +7,7 @@
 // Filters (top-k, top-p, min-p) arrive as one threshold on logit / T.
 #include "kodkod.h"
 #include "launch.cuh"
+#include "trace.cuh"
 
 #include <cfloat>
 #include <climits>
@@ -45,8 +46,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
   __shared__ float red_s[32];
   __shared__ int red_i[32];
   __shared__ bool last;
+  trace_point(a.trace, 0);
   pdl_wait();
   pdl_trigger();
+  trace_point(a.trace, 2);
   const float temperature = a.params[0], penalty = a.params[1], threshold = a.params[2];
   const bool greedy = temperature <= 1e-5f;
   const uint64_t seed = (uint64_t)*a.seed;
@@ -74,7 +77,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
     last = atomicAdd(a.counter, 1) == (int)gridDim.x - 1;
   }
   __syncthreads();
-  if (!last) return;
+  if (!last) {
+    trace_point(a.trace, 5);
+    return;
+  }
   __threadfence();
   best = -FLT_MAX, best_i = INT_MAX;
   for (int b = threadIdx.x; b < (int)gridDim.x; b += blockDim.x) {
@@ -92,6 +98,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
     if (a.pos) *a.pos += 1;
     *a.counter = 0;
   }
+  trace_point(a.trace, 6);
+  trace_point(a.trace, 5);
 }
 
 __global__ void embed_kernel(const half* table, const int64_t* token, float* out, int hidden) {
@@ -105,7 +113,9 @@ __global__ void embed_kernel(const half* table, const int64_t* token, float* out
 }  // namespace
 
 void sample(const SampleArgs& a, cudaStream_t stream) {
-  launch(sample_kernel, dim3(kBlocks), dim3(kThreads), 0, stream, a);
+  SampleArgs args = a;
+  args.trace = trace_region("sample", kBlocks);
+  launch(sample_kernel, dim3(kBlocks), dim3(kThreads), 0, stream, args);
 }
 
 void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream) {

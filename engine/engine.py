@@ -41,6 +41,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def model_name(path: Path) -> str:
+    """What clients are told the model is: a known model's cached form (models/<name>/hf-fp16,
+    models/<name>/exl2-4bpw, see engine/convert/models.py) is named by its model and form, any
+    other directory by itself."""
+    if path.name == "hf-fp16" or path.name.startswith("exl2-"):
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
 class Engine:
     def __init__(self, path: Path, config: ModelConfig, model, tokenizer: Tokenizer, device: torch.device,
                  dtype: torch.dtype, max_seq_len: int, quantized: bool, backend: str = "auto",
@@ -101,7 +110,7 @@ class Engine:
     def info(self) -> dict:
         q = self.config.quantization or {}
         return {
-            "name": self.path.name,
+            "name": model_name(self.path),
             "path": str(self.path),
             "architecture": self.config.architecture,
             "device": str(self.device),

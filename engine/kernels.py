@@ -3,7 +3,8 @@
 The extension is compiled with ninja through torch.utils.cpp_extension into
 KODKOD_HOME/kernels/<key>, where the key hashes the sources, torch's version,
 the CUDA version and the GPU architectures, so an upgrade rebuilds and a
-second start loads in a second. Anything that stops the build (no GPU, no
+second start loads in a second. KODKOD_BAKED_HOME/kernels/<key> (kernels compiled into a
+container image with `kodkod build-kernels`) is looked in first. Anything that stops the build (no GPU, no
 compiler, a compile error) leaves the engine on its torch path, with one log
 line saying why.
 """
@@ -23,8 +24,8 @@ import torch
 log = logging.getLogger("kodkod.kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu")
-HEADERS = ("kodkod.h", "launch.cuh")
+SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu", "trace.cu")
+HEADERS = ("kodkod.h", "launch.cuh", "trace.cuh")
 MIN_CAPABILITY = (7, 5)
 
 # Modes of the gemv kernel (csrc/kodkod.h: InputMode, OutputMode, Activation).
@@ -56,8 +57,13 @@ def build_key(archs: str) -> str:
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((CSRC / name).read_bytes())
-    h.update(f"{torch.__version__}|{torch.version.cuda}|{archs}|{sys.version_info[:2]}".encode())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{archs}|{sys.version_info[:2]}|{_defines()}".encode())
     return h.hexdigest()[:16]
+
+
+def _defines() -> list[str]:
+    """KODKOD_TRACE=1 builds the phase timestamps of csrc/trace.cuh (benchmarks/trace_step.py)."""
+    return ["-DKODKOD_TRACE"] if os.environ.get("KODKOD_TRACE") == "1" else []
 
 
 def unavailable_reason() -> str | None:
@@ -114,10 +120,13 @@ def build(verbose: bool = False):
 
     archs = arch_list()
     key = build_key(archs)
+    name = f"kodkod_kernels_{key}"
+    baked = os.environ.get("KODKOD_BAKED_HOME")
+    if baked and (Path(baked) / "kernels" / key / f"{name}.so").is_file():
+        return _import_so(name, Path(baked) / "kernels" / key / f"{name}.so")
     build_dir = kernel_home() / key
     build_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    name = f"kodkod_kernels_{key}"
     built = build_dir / f"{name}.so"
     if built.is_file():  # the key already covers sources, compiler and architectures: no ninja pass needed
         return _import_so(name, built)
@@ -128,8 +137,8 @@ def build(verbose: bool = False):
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+        extra_cflags=["-O3", "-std=c++17", *_defines()],
+        extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", *_defines()],
         build_directory=str(build_dir),
         verbose=verbose,
     )

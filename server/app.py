@@ -13,13 +13,16 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from .config import ServerConfig
 from .errors import ApiError
+from .guards import HostGuard
 from .metrics import Metrics
 from .routes import ROUTE_PATHS, ROUTES
+from .routes.info import DOCS_CSP
 from .state import Server, error_response
 
 from .machine import cpu_name, cuda_devices
@@ -39,8 +42,16 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s", request.url.path)
-    return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    log.exception("unhandled error on %s", request.url.path)  # a server bug: its text stays in the log
+    return error_response(500, "internal_error", "the server failed; its log says why")
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    return error_response(499, "client_closed_request", "the client closed the connection")  # goes nowhere
+
+
+# label values of the request metrics: known methods only (an invented method is "other")
+METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 class MetricsMiddleware:
@@ -62,11 +73,14 @@ class MetricsMiddleware:
             await send(message)
 
         path = scope.get("path", "")
-        route = path if path in ROUTE_PATHS else "other"
+        route = path if path in ROUTE_PATHS else "/swagger-ui/static" if path.startswith("/swagger-ui/static/") \
+            else "other"
+        method = scope.get("method", "")
+        method = method if method in METHODS else "other"
         try:
             await self.app(scope, receive, _send)
         finally:
-            self.metrics.requests.labels(route, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.requests.labels(route, method, str(status["code"])).inc()
             self.metrics.latency.labels(route).observe(time.monotonic() - start)
 
 
@@ -91,10 +105,16 @@ def create_app(config: ServerConfig | None = None, engine=None, worker=None) -> 
 
     app = Starlette(
         routes=ROUTES,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, ClientDisconnect: _client_gone,
+                            Exception: _internal_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # its redirect's Location would come from the Host header
     app.state.server = srv
     srv.worker.start()  # also without a lifespan (direct ASGI calls in tests)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
+    app.add_middleware(HostGuard, srv=srv, docs_csp=DOCS_CSP)
     app.add_middleware(MetricsMiddleware, metrics=srv.metrics)
     return app

@@ -83,7 +83,10 @@ class ChoiceText:
 
     def _check_settled(self, complete: str, cut: str, structural: bool = False) -> None:
         complete = complete.replace("\r\n", "\n")
-        dropped = complete[len(cut):] if complete.startswith(cut) else ""
+        # the cut may start later than the raw text: post-processing drops indentation the cursor
+        # line already has (the model often repeats it), so find the cut after leading blanks
+        at = 0 if complete.startswith(cut) else complete.find(cut) if cut.strip() else -1
+        dropped = complete[at + len(cut):] if at >= 0 and not complete[:at].strip() else ""
         if not cut.strip() or not any(line.strip() for line in dropped.split("\n")):
             self._last_cut = None
             return

@@ -44,15 +44,17 @@ class Failure:
 # why a job ended without its completion -> the error its client gets
 OUTCOME_ERRORS = {
     "superseded": (409, "superseded", "a newer request from the same user superseded this one"),
-    "timeout": (504, "timeout", "the request took longer than the server's time limit"),
+    "timeout": (504, "timeout", "the request took longer than the server's time limit of {timeout_s:g} s"),
     "disconnected": (499, "client_closed_request", "the client closed the connection"),
     "shutdown": (503, "shutting_down", "the server is shutting down"),
     "cancelled": (499, "cancelled", "the request was cancelled"),
 }
 
 
-def outcome_error(reason: str) -> ApiError:
-    return ApiError(*OUTCOME_ERRORS.get(reason, OUTCOME_ERRORS["cancelled"]))
+def outcome_error(reason: str, job: Job | None = None) -> ApiError:
+    """The one error (and one message) for each way a job can end without its completion."""
+    status, type, message = OUTCOME_ERRORS.get(reason, OUTCOME_ERRORS["cancelled"])
+    return ApiError(status, type, message.format(timeout_s=job.timeout_s if job is not None else 0))
 
 
 class ChoiceRun:
@@ -69,8 +71,8 @@ class ChoiceRun:
         while True:
             try:
                 item = await job.next()
-            except JobTimeout as exc:
-                yield self._fail("timeout", ApiError(504, "timeout", str(exc)))
+            except JobTimeout:
+                yield self._fail("timeout", outcome_error("timeout", job))
                 return
             if item.kind == "prepared":
                 self.info = item.value
@@ -98,7 +100,7 @@ class ChoiceRun:
                 return
             elif item.kind == "end":
                 if job.cancel_reason is not None:
-                    yield self._fail(job.cancel_reason, outcome_error(job.cancel_reason))
+                    yield self._fail(job.cancel_reason, outcome_error(job.cancel_reason, job))
                 return
 
     def _fail(self, outcome: str, error: ApiError) -> Failure:
@@ -109,7 +111,7 @@ class ChoiceRun:
 
     def _internal(self, exc: BaseException) -> ApiError:
         log.error("completion %s failed", self.job.id, exc_info=exc)
-        return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return ApiError(500, "internal_error", "the completion failed; the server's log says why")
 
     def _finish_reason(self, index: int, reason: str) -> str:
         """A choice the server ended early, because its completion was settled, finished with "stop"."""

@@ -42,7 +42,7 @@ class ServerConfig(BaseModel):
     home: Path = Field(default_factory=default_home, description="KODKOD_HOME: models, logs")
     log_file: Path | None = Field(None, description="JSONL event/completion log; default <home>/logs/events.jsonl")
     log_prompts: bool = Field(False, description="also write prompt and completion text to the log")
-    queue_size: int = Field(16, ge=1, le=10_000, description="requests waiting for the worker before 503")
+    queue_size: int = Field(64, ge=1, le=10_000, description="requests waiting for the worker before 503")
     timeout_s: float = Field(30.0, gt=0, le=3600, description="limit for one request, queue wait included")
     max_body_bytes: int = Field(2_000_000, ge=1024, description="larger request bodies get 413")
     max_prefix_chars: int = Field(100_000, ge=1, description="longer prefix (or suffix) gets 413")
@@ -57,6 +57,33 @@ class ServerConfig(BaseModel):
     upstream_model: str | None = Field(None, description="model name to ask the upstreams for; "
                                                          "default: the first one their /v1/models lists")
     upstream_token: str | None = Field(None, description="bearer token for the upstreams")
+    # Connections (server/transport.py): limits that hold without a token
+    max_connections: int = Field(1000, ge=8, le=1_000_000, description="open connections at most; over it the "
+                                 "oldest incomplete request's connection is closed, else the new one gets 503")
+    head_timeout_s: float = Field(10.0, gt=0, le=3600, description="time to send a request's line and headers "
+                                  "(from connecting, or from the next request's first byte); then 408")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="time to send a request body after its "
+                                  "headers; then 408")
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this")
+    max_head_bytes: int = Field(16_384, ge=1024, le=1_048_576, description="request line and headers at most; "
+                                "larger: 431")
+    # JSON bodies (server/json_body.py)
+    max_json_depth: int = Field(32, ge=2, le=500, description="nesting of arrays and objects at most; deeper: 400")
+    max_json_items: int = Field(10_000, ge=16, description="items of one array, or keys of one object, at most")
+    max_json_number_chars: int = Field(64, ge=8, le=4000, description="characters of one JSON number at most")
+    # The events log (server/events_log.py)
+    log_field_chars: int = Field(256, ge=16, description="longer logged strings (ids, language, ...) are cut")
+    log_text_chars: int = Field(20_000, ge=16, description="longer logged prompt or completion texts "
+                                "(log_prompts) are cut")
+    log_max_bytes: int = Field(100_000_000, ge=10_000, description="the events log and its rotated files "
+                               "together at most")
+    log_files: int = Field(4, ge=2, le=100, description="files the log rotates through: events.jsonl, "
+                           "events.jsonl.1, ...; each rotates at log_max_bytes / log_files")
+    # Browsers (server/guards.py)
+    allowed_hosts: list[str] = Field(default_factory=list, description="without tokens: Host names served "
+                                     "besides localhost, IP addresses and this machine's name; \"*\": any")
+    cors_origins: list[str] = Field(default_factory=list, description="origins that may call the API from a web "
+                                    "page (CORS); none by default")
     # prompt reuse and speculation (engine/kv_pool.py, engine/speculate.py): less work, the same output
     kv_pool_mb: int = Field(512, ge=0, le=1_000_000, description="memory (MiB, on the model's device) for the "
                             "KV rows of recent prompts, so a prompt sharing its start with one of them prefills "
@@ -81,6 +108,13 @@ class ServerConfig(BaseModel):
             v = [t for t in (s.strip() for s in v.split(",")) if t]
         if isinstance(v, list) and any(not isinstance(t, str) or not t.strip() for t in v):
             raise ValueError("tokens must be non-empty strings")
+        return v
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _split_names(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [t for t in (s.strip() for s in v.split(",")) if t]
         return v
 
     @model_validator(mode="after")
@@ -134,7 +168,7 @@ def load_config(
     for k, v in _env_values(env).items():
         merged[k], source[k] = v, f"environment {ENV_PREFIX}{k.upper()}"
     for k, v in (cli or {}).items():
-        if v is None or (k in ("tokens", "upstreams") and not v):
+        if v is None or (k in ("tokens", "upstreams", "allowed_hosts", "cors_origins") and not v):
             continue
         merged[k], source[k] = v, f"--{k.replace('_', '-')}"
     try:

@@ -26,6 +26,9 @@ class Metrics:
                                    "the completion", registry=r)
         self.queue_depth = Gauge("kodkod_queue_depth", "requests waiting for the engine worker", registry=r)
         self.events = Counter("kodkod_events", "client events (/v1/events) by type", ["type"], registry=r)
+        self.connection_drops = Counter("kodkod_connection_drops", "connections the server closed before their "
+                                        "request was complete, by reason (server/transport.py)", ["reason"],
+                                        registry=r)
 
     def count_after_cancel(self, job) -> None:
         """Decode steps a job ran between its cancel and its end (a job cancelled while still queued ran none)."""

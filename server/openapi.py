@@ -25,7 +25,10 @@ def _errors(*codes: int) -> dict:
             501: "no completion model, or the model cannot fill in the middle",
             502: "remote engine: the upstream servers answered with errors",
             503: "the queue is full (see Retry-After); remote engine: no upstream can be reached",
-            504: "the request timed out"}
+            504: "the request timed out", 408: "the request head or body did not arrive in time",
+            415: "the body is not sent as application/json",
+            421: "without tokens: a Host header this server does not answer for",
+            431: "the request line and headers are too large"}
     return {str(c): {"description": text.get(c, "error"), "content": _json(S.ErrorResponse)} for c in codes}
 
 
@@ -57,7 +60,7 @@ def document(version: str) -> dict:
                                       "content": {"application/json": {"schema": {
                                           "oneOf": [_ref(S.CompletionResponse), _ref(S.OpenAICompletionResponse)]}},
                                                   "text/event-stream": {"schema": {"type": "string"}}}},
-                              **_errors(400, 401, 409, 413, 422, 501, 502, 503, 504)}}},
+                              **_errors(400, 401, 408, 409, 413, 415, 421, 422, 431, 501, 502, 503, 504)}}},
             "/v1/models": {"get": {
                 "operationId": "models", "security": secured,
                 "responses": {"200": {"description": "OpenAI's model list: the loaded model", "content": _json(S.ModelList)},
@@ -68,7 +71,7 @@ def document(version: str) -> dict:
                 "parameters": [{"name": "select_kind", "in": "query", "required": False,
                                 "schema": {"type": "string", "enum": ["line"]}}],
                 "responses": {"200": {"description": "recorded", "content": {"application/json": {"schema": {"type": "object"}}}},
-                              **_errors(400, 401, 413, 422)}}},
+                              **_errors(400, 401, 408, 413, 415, 421, 422, 431)}}},
             "/v1/health": {m: {"operationId": f"health_{m}", "security": secured,
                                "responses": {"200": {"description": "server and model facts", "content": _json(S.HealthResponse)},
                                              **_errors(401)}} for m in ("get", "post")},

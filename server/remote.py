@@ -103,12 +103,15 @@ class RemoteWorker:
         loop = asyncio.get_running_loop()
         self.start()
         job._loop, job._out, job._worker = loop, asyncio.Queue(), self
-        if job.key is not None:
-            old = self._by_key.get(job.key)
-            if old is not None and not old.done_event.is_set():
-                old.cancel("superseded")
-        if len(self._tasks) >= self.queue_size:
+        old = self._by_key.get(job.key) if job.key is not None else None
+        if old is not None and old.done_event.is_set():
+            old = None
+        # a newer job takes its predecessor's place; without one it needs a free place, and a refused
+        # job cancels nothing
+        if old is None and len(self._tasks) >= self.queue_size:
             raise QueueFull(f"{len(self._tasks)} requests are in flight; try again shortly")
+        if old is not None:
+            old.cancel("superseded")
         if job.key is not None:
             self._by_key[job.key] = job
         self._tasks[job.id] = loop.create_task(self._run(job))

@@ -5,13 +5,15 @@ routes (server/routes/) reach it with `server_of(request)`.
 """
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
 import time
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from .auth import TokenAuth
@@ -19,6 +21,7 @@ from .completion import CompletionService, Prepared
 from .config import ServerConfig
 from .engine_metrics import EngineStatsCollector
 from .errors import ApiError
+from . import json_body
 from .events_log import EventLog
 from .metrics import Metrics
 from .schemas import CompletionRequest
@@ -26,6 +29,7 @@ from .worker import EngineWorker, Job
 
 log = logging.getLogger("kodkod.server")
 M = TypeVar("M", bound=BaseModel)
+LARGE_BODY = 256 * 1024
 
 
 def error_response(status: int, type: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -42,7 +46,10 @@ class Server:
         self.metrics = Metrics()
         if engine is not None:
             self.metrics.registry.register(EngineStatsCollector(engine))
-        self.log = EventLog(config.events_path)
+        self.log = EventLog(config.events_path, field_chars=config.log_field_chars, text_chars=config.log_text_chars,
+                            max_bytes=config.log_max_bytes, files=config.log_files)
+        self.json_limits = json_body.JsonLimits(config.max_json_depth, config.max_json_items,
+                                                config.max_json_number_chars)
         self.service = CompletionService(engine, config)
         # the local engine's worker thread, or the remote engine's dispatcher (server/remote.py)
         self.worker = worker or EngineWorker(engine, config.queue_size)
@@ -97,26 +104,35 @@ class Server:
         return token
 
     async def read_json(self, request: Request) -> dict:
-        """The body as a JSON object, within the size limit; 400/413/422 otherwise."""
+        """The body as a JSON object, within the size and JSON limits; 400/413/415/422 otherwise,
+        and a quiet 499 when the client goes away while sending it."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
+            # a web page can send text/plain anywhere without asking (no CORS preflight); JSON it cannot
+            raise ApiError(415, "unsupported_media_type", "the request body must be JSON, sent with "
+                                                          "`Content-Type: application/json`")
         limit = self.config.max_body_bytes
         cl = request.headers.get("content-length")
         if cl is not None and cl.isdigit() and int(cl) > limit:
             raise ApiError(413, "too_large", f"the request body is over {limit} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, "too_large", f"the request body is over {limit} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, "too_large", f"the request body is over {limit} bytes")
+        except ClientDisconnect:
+            raise ApiError(499, "client_closed_request", "the client closed the connection") from None
         if not body:
             raise ApiError(400, "invalid_json", "the request body is empty; a JSON object is expected")
         try:
             text = bytes(body).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ApiError(400, "invalid_utf8", f"the request body is not valid UTF-8 (byte {exc.start})") from None
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+        if len(text) > LARGE_BODY:  # parsing a large body takes milliseconds: off the event loop
+            data = await asyncio.to_thread(json_body.parse, text, self.json_limits)
+        else:
+            data = json_body.parse(text, self.json_limits)
         try:  # lone surrogates (\ud800) cannot become UTF-8 for the tokenizer
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
@@ -126,6 +142,16 @@ class Server:
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_request", f"a JSON object is expected, not {type(data).__name__}")
         return data
+
+    def supersede_key(self, request: Request, token: str | None, user: str | None) -> str | None:
+        """Who a newer request may supersede: the same tenant's (its token, or without tokens the
+        client's address) request with the same `user`; with a token and no `user`, the same
+        token's from the same address. Without tokens and `user`: nobody."""
+        addr = request.client.host if request.client else "?"
+        tenant = f"token:{hashlib.sha256(token.encode()).hexdigest()[:24]}" if token else f"addr:{addr}"
+        if user:
+            return f"{tenant} user:{user}"
+        return f"{tenant} addr:{addr}" if token else None
 
     @staticmethod
     def validate(model: type[M], data: dict) -> M:

@@ -9,8 +9,11 @@ the response is sent, and a closed connection stops the engine before its next
 decode step (the engine checks the job's cancel event before every forward
 pass).
 
-A newer job with the same key (user or token) supersedes an older one that is
-still queued or running: the older job is cancelled.
+A newer job with the same key (server/state.py `supersede_key`: the same tenant and user)
+supersedes an older one that is still queued or running: it takes the older one's place in
+the queue, or, when the older one runs, is queued if there is room and refused (QueueFull)
+otherwise, and only then is the older one cancelled. A job cancelled while queued (its
+client left, its time ran out) leaves the queue at once.
 """
 from __future__ import annotations
 
@@ -101,6 +104,9 @@ class Job:
         self._demand.release()  # wake the worker if it waits for demand
         if self.interrupt is not None:
             self.interrupt()
+        discard = getattr(self._worker, "discard", None)
+        if discard is not None and self.started is None:
+            discard(self)
 
     def stop_choice(self, index: int) -> None:
         """End choice `index` early (its completion is already known); the next choices still run.
@@ -182,29 +188,43 @@ class EngineWorker:
 
     # ---- submitting ----
     def submit(self, job: Job) -> Job:
-        """Queue a job (call from the event loop). Raises QueueFull when the queue is full."""
+        """Queue a job (call from the event loop). A live job with the same key is superseded: a queued
+        one gives the newer job its place; a running one is cancelled once the newer job has a place.
+        Raises QueueFull, cancelling nothing, when the newer job cannot have a place."""
         job._loop = asyncio.get_running_loop()
         job._out = asyncio.Queue()
         job._worker = self
         with self._cond:
-            if job.key is not None:
-                old = self._by_key.get(job.key)
-                if old is not None and not old.done_event.is_set():
-                    old.cancel("superseded")
-                    # a superseded job still queued leaves at once: it frees its place
-                    try:
-                        self._queue.remove(old)
-                        self._finish(old, queued=True)
-                    except ValueError:
-                        pass
-                self._by_key[job.key] = job
-            if len(self._queue) >= self.queue_size:
-                if job.key is not None and self._by_key.get(job.key) is job:
-                    del self._by_key[job.key]
+            old = self._by_key.get(job.key) if job.key is not None else None
+            if old is not None and old.done_event.is_set():
+                old = None
+            try:
+                place = self._queue.index(old) if old is not None else None
+            except ValueError:  # running: not in the queue
+                place = None
+            if place is not None:
+                self._queue[place] = job
+            elif len(self._queue) >= self.queue_size:
                 raise QueueFull(f"{len(self._queue)} requests are waiting; try again shortly")
-            self._queue.append(job)
+            else:
+                self._queue.append(job)
+            if job.key is not None:
+                self._by_key[job.key] = job
             self._cond.notify()
+        if old is not None:
+            old.cancel("superseded")
+            if place is not None:
+                self._finish(old)  # it never ran: it ends now
         return job
+
+    def discard(self, job: Job) -> None:
+        """A cancelled job still queued leaves the queue at once: the queue holds only live work."""
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return
+        self._finish(job)
 
     # ---- the thread ----
     def _run(self) -> None:

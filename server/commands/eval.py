@@ -63,7 +63,7 @@ def make_completer(args):
     config = load_config({"model": args.model, "device": args.device})
     if args.budget:
         config = config.model_copy(update={"prompt_budget_tokens": args.budget})
-    path = resolve_model(config.model, config.home)
+    path = resolve_model(config.model, config.home, device=config.device)
     print(f"kodkod eval: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
     return LocalCompleter(load_model(path, device=config.device), config)
 

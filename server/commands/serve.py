@@ -5,10 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from server.errors import UsageError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory or known model name (default: the default model, "
-                                   "downloaded and converted on first use)")
+                                   "fetched on first use: served as imported fp16 on a CPU, as EXL2 on a GPU)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (default auto)")
@@ -20,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-prompts", action="store_true", default=None,
                    help="write prompt and completion text into the JSONL log")
     p.add_argument("--timeout", dest="timeout_s", type=float, help="seconds one request may take (default 30)")
-    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 16); "
+    p.add_argument("--queue-size", type=int, help="waiting requests before 503 (default 64); "
                                                    "with --engine openai: requests in flight")
     p.add_argument("--engine", choices=["local", "openai"],
                    help="local (default): run the model here; openai: send the prompts to OpenAI-compatible "
@@ -33,17 +35,77 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-tokens", type=int, help="prompt-lookup speculative decoding: longest draft (default 0: off)")
 
 
-def resolve_model(name: str | None, home: Path) -> Path:
-    """A directory as given, else a known model name (or the default) via engine.convert.models."""
+def resolve_model(name: str | None, home: Path, device: str = "auto", engine: str = "local") -> Path:
+    """A directory as given, else a known model name (or the default), made ready first (server.first_start).
+
+    On a CPU (and for `--engine openai`, which reads only the tokenizer) that is the imported fp16
+    model; on a GPU what the model's entry says (`KnownModel.gpu_form`: the fp16 import for the
+    default model, else its EXL2 conversion). What the first start will do is printed before it starts.
+    """
     if name and Path(name).expanduser().is_dir():
         return Path(name).expanduser()
+    from server.first_start import plan, prepare
+
+    gpu = engine == "local" and device != "cpu" and _cuda_available()
+    p = plan(name, home, gpu)
+    if not p.ready:
+        print(p.describe(home), file=sys.stderr, flush=True)
+    return prepare(p, home)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_home(home: Path) -> None:
+    """KODKOD_HOME must be writable (models, logs): said in one line before any work starts."""
+    import os
+    import tempfile
+
+    who = f"uid {os.getuid()}" if hasattr(os, "getuid") else "this user"
     try:
-        from engine.convert.models import ensure_model
-    except ImportError as exc:
-        what = f"model {name!r}" if name else "the default model"
-        raise SystemExit(f"kodkod serve: {what} is not a directory and the model downloader is not "
-                         f"available ({exc}); pass --model DIR") from None
-    return Path(ensure_model(name, home=home))
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as exc:
+        raise UsageError(f"KODKOD_HOME {home} is not writable by {who} ({exc.strerror or exc}): mount a volume "
+                         f"that {who} can write there, or set KODKOD_HOME to a writable directory") from None
+
+
+def bind_port(host: str, port: int):
+    """Take the port now, before minutes of model loading; a taken port is said in one line."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        import errno
+
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is already in use (another kodkod or server?): "
+                             f"stop it or choose another with --port / KODKOD_PORT / PORT") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _environment() -> dict[str, str]:
+    """os.environ, with PORT (set by container platforms) standing in for an unset KODKOD_PORT."""
+    import os
+
+    env = dict(os.environ)
+    if not env.get("KODKOD_PORT") and env.get("PORT"):
+        env["KODKOD_PORT"] = env["PORT"]
+    return env
 
 
 def run(args) -> int:
@@ -57,15 +119,22 @@ def run(args) -> int:
                                                  "timeout_s", "queue_size", "engine", "upstreams",
                                                  "upstream_model", "upstream_token", "kv_pool_mb", "draft_tokens")}
     try:
-        config = load_config(cli, config_file=args.config)
+        config = load_config(cli, env=_environment(), config_file=args.config)
     except ConfigError as exc:
         print(f"kodkod serve: {exc}", file=sys.stderr)
         return 2
 
-    import uvicorn
+    from server.commands.common import check_device
 
+    if config.engine == "local":
+        check_device(config.device)
+    if config.log_file is None or not (config.model and Path(config.model).expanduser().is_dir()):
+        check_home(config.home)  # the log goes there, or a model will
+    sock = bind_port(config.host, config.port)
     try:
-        path = resolve_model(config.model, config.home)
+        path = resolve_model(config.model, config.home, config.device, config.engine)
+    except UsageError:
+        raise
     except Exception as exc:
         print(f"kodkod serve: cannot get the model: {exc}", file=sys.stderr)
         return 1
@@ -78,10 +147,13 @@ def run(args) -> int:
     srv = app.state.server
     if srv.service.template is None:
         print(f"kodkod serve: warning: {srv.service.template_error}; only raw prompts will work", file=sys.stderr)
-    print(f"kodkod: serving {srv.model_name} ({where}) on http://{config.host}:{config.port} "
+    port = sock.getsockname()[1]
+    print(f"kodkod: serving {srv.model_name} ({where}) on http://{config.host}:{port} "
           f"(log: {config.events_path})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=3)
-    return 0
+    from server.transport import run as serve_app
+
+    # uvicorn, with the connection limits of server/transport.py, on the port taken before the model loaded
+    return 0 if serve_app(app, config, sockets=[sock]) else 1
 
 
 def _local_app(config, path: Path):

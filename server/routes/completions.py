@@ -26,7 +26,7 @@ async def completions(request: Request) -> Response:
     srv = server_of(request)
     token = srv.authenticate(request)
     req, openai_body = _request(srv, await srv.read_json(request))
-    key = f"user:{req.user}" if req.user else (f"token:{token}" if token else None)
+    key = srv.supersede_key(request, token, req.user)
     job = srv.service.make_job(req, key)
     try:
         srv.worker.submit(job)
@@ -160,7 +160,7 @@ async def _stream(srv: Server, req: CompletionRequest, run: ChoiceRun, answer):
                 yield {"data": answer.delta(ev)}
             elif isinstance(ev, ChoiceEnd):
                 # a choice cut short because the whole job was cancelled carries the reason
-                error = outcome_error(job.cancel_reason) if ev.finish_reason == "cancelled" and job.cancel_reason else None
+                error = outcome_error(job.cancel_reason, job) if ev.finish_reason == "cancelled" and job.cancel_reason else None
                 error_sent = error is not None
                 yield {"data": answer.choice_end(ev, error)}
             elif not error_sent:

@@ -1,6 +1,8 @@
 """The routes that describe the server: health, models, settings, metrics, API documents."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import platform
 
@@ -58,14 +60,21 @@ async def openapi_json(request: Request) -> Response:
 
 
 # Swagger UI's assets come from the swagger-ui-bundle package: the page works offline.
-SWAGGER_HTML = """<!doctype html>
+SWAGGER_SCRIPT = ('window.onload = () => { window.ui = SwaggerUIBundle({url: "/api-docs/openapi.json", '
+                  'dom_id: "#swagger-ui"}); };')
+SWAGGER_HTML = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>kodkod API</title>
 <link rel="stylesheet" href="/swagger-ui/static/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/swagger-ui/static/swagger-ui-bundle.js"></script>
-<script>window.onload = () => { window.ui = SwaggerUIBundle({url: "/api-docs/openapi.json", dom_id: "#swagger-ui"}); };</script>
+<script>{SWAGGER_SCRIPT}</script>
 <noscript>The API description is at <a href="/api-docs/openapi.json">/api-docs/openapi.json</a>.</noscript>
 </body></html>"""
+# the pages' content security policy: scripts from here and the one inline script above (by its hash);
+# Swagger UI sets inline styles and shows data: images
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(SWAGGER_SCRIPT.encode()).digest()).decode()
+DOCS_CSP = (f"default-src 'self'; script-src 'self' 'sha256-{_SCRIPT_HASH}'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 
 async def swagger_ui(request: Request) -> Response:

@@ -57,7 +57,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gguf_file, imported):
 
 def test_download_is_quick_and_idempotent(tmp_path):
     env = dict(os.environ, KODKOD_HOME=str(tmp_path / "home"))
-    cmd = [sys.executable, "-m", "server.cli", "download", "--no-progress"]
+    cmd = [sys.executable, "-m", "server.cli", "download", "--for", "gpu", "--no-progress"]  # EXL2
     t0 = time.time()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     took = time.time() - t0

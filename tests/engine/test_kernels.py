@@ -91,6 +91,34 @@ def test_multi_token_forward_dequantizes_into_scratch(ext):
     assert rel_err(lin(x), reference(lin, x)) <= 2e-3
 
 
+@pytest.mark.parametrize("mix, shape", [(m, s) for m in MIXES for s in SHAPES[:2]] + ODD_K)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5, 8, 16])
+def test_exl2_gemv_tokens_matches_fp64_reference(ext, mix, shape, tokens):
+    """A few tokens at once: every row the product of its own input, the weights read once."""
+    out_f, in_f = shape
+    lin = random_layer(ext, out_f, in_f, mix, seed=out_f * 5 + in_f + tokens)
+    x = torch.randn(tokens, in_f, device=DEV).half()
+    out = torch.full((tokens, out_f), float("nan"), device=DEV, dtype=torch.float16)
+    scratch = torch.full((tokens * ((lin.x_len + 7) // 8 * 8),), float("nan"), device=DEV, dtype=torch.float16)
+    ext.gemv_tokens(lin.kernel_matrix, x, out, scratch)
+    assert rel_err(out, reference(lin, x)) <= 1e-3
+    y = torch.empty(out_f, device=DEV, dtype=torch.float16)
+    ext.gemv([lin.kernel_matrix], x[-1], kernels.IN_HALF, None, None, 0.0, kernels.OUT_HALF, 0, [y])
+    assert torch.allclose(out[-1].float(), y.float(), rtol=2e-3, atol=2e-3)  # the one-token kernel agrees
+
+
+def test_dense_gemv_tokens(ext):
+    g = torch.Generator(device=DEV).manual_seed(2)
+    w = (torch.randn(100, 72, generator=g, device=DEV) * 0.1).half()
+    b = (torch.randn(100, generator=g, device=DEV) * 0.1).half()
+    lin = Linear(w.clone(), b)
+    lin.prepare_kernels(ext)
+    x = torch.randn(5, 72, device=DEV).half()
+    out = torch.empty(5, 100, device=DEV, dtype=torch.float16)
+    ext.gemv_tokens(lin.kernel_matrix, x, out, torch.empty(5 * 72, device=DEV, dtype=torch.float16))
+    assert rel_err(out, x.double() @ w.double().T + b.double()) <= 1e-3
+
+
 def test_dense_gemv(ext):
     g = torch.Generator(device=DEV).manual_seed(1)
     w = (torch.randn(100, 72, generator=g, device=DEV) * 0.1).half()

@@ -147,3 +147,11 @@ def test_a_top_p_below_float32_resolution_keeps_the_top_token():
     logits = torch.randn(100)
     th = filter_threshold(logits, torch.tensor(0), torch.tensor(5e-324), torch.tensor(0.0))
     assert torch.equal(logits >= th, logits == logits.max())
+
+
+def test_a_cached_known_model_is_named_by_its_model(tmp_path):
+    from engine.engine import model_name
+
+    assert model_name(tmp_path / "models" / "qwen2.5-coder-0.5b" / "hf-fp16") == "qwen2.5-coder-0.5b/hf-fp16"
+    assert model_name(tmp_path / "models" / "qwen2.5-coder-0.5b" / "exl2-4bpw") == "qwen2.5-coder-0.5b/exl2-4bpw"
+    assert model_name(tmp_path / "my-model") == "my-model"

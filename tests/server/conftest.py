@@ -24,6 +24,8 @@ def make_config(tmp_path):
     def make(**kw):
         kw.setdefault("home", tmp_path / "home")
         kw.setdefault("default_max_tokens", 8)
+        # the in-process clients' Host names (TestClient's, and httpx's base_url "http://t")
+        kw.setdefault("allowed_hosts", ["testserver", "t"])
         return ServerConfig(**kw)
 
     return make

@@ -1,6 +1,7 @@
 """Helpers for the server tests (importable: pytest puts this folder on sys.path)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -18,13 +19,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_live(app):
-    """Run `app` under a real uvicorn server on 127.0.0.1; yields the base URL."""
+def serve_live(app, **overrides):
+    """Run `app` under a real uvicorn server on 127.0.0.1, configured as `kodkod serve` configures
+    it (server/transport.py: its connection limits); yields the base URL. `overrides` go to
+    uvicorn.Config (`log_config=None`: uvicorn's records reach pytest's log capture)."""
     import uvicorn
 
+    from server.config import ServerConfig
+    from server.transport import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=1))
+    srv = getattr(app.state, "server", None)
+    config = srv.config if srv is not None else ServerConfig()
+    kw = dict(host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(uvicorn_config(app, config, **{**kw, **overrides}))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     deadline = time.monotonic() + 20
@@ -52,3 +60,10 @@ def sse_events(lines):
             yield data if data == "[DONE]" else json.loads(data)
 
 
+async def eventually(cond, tries: int = 500, every_s: float = 0.01) -> None:
+    """Wait until cond() holds (polling), or fail the test."""
+    for _ in range(tries):
+        if cond():
+            return
+        await asyncio.sleep(every_s)
+    raise AssertionError("condition not reached")

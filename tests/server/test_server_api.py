@@ -6,8 +6,10 @@ import re
 
 import httpx
 import pytest
+from srvutil import eventually
 from starlette.testclient import TestClient
 
+JSON_TYPE = {"content-type": "application/json"}
 PY = {"language": "python", "segments": {"prefix": "def fib(n):\n    ", "suffix": "\n\nprint(fib(3))\n"}}
 
 # a raw FIM prompt without stop strings: the tiny model decodes it to max_tokens
@@ -166,7 +168,7 @@ def test_events_and_jsonl_log(make_app):
         assert c.post("/v1/events?select_kind=line",
                       json={"type": "select", "completion_id": cid, "choice_index": 0, "elapsed": 12}).status_code == 200
         is_error(c.post("/v1/events", json={"type": "explode", "completion_id": cid, "choice_index": 0}), 400)
-        is_error(c.post("/v1/events", content=b"nope"), 400)
+        is_error(c.post("/v1/events", content=b"nope", headers=JSON_TYPE), 400)
     lines = srv.log.read()
     comp = [l for l in lines if l["kind"] == "completion"]
     assert comp[0]["id"] == cid and comp[0]["language"] == "python" and comp[0]["cancelled"] is False
@@ -199,7 +201,7 @@ def test_log_prompts(make_app):
 
 def test_metrics(client):
     client.post("/v1/completions", json={**PY, "max_tokens": 3})
-    client.post("/v1/completions", content=b"{")
+    client.post("/v1/completions", content=b"{", headers=JSON_TYPE)
     text = client.get("/metrics").text
     assert 'kodkod_http_requests_total{method="POST",route="/v1/completions",status="200"} 1.0' in text
     assert 'status="400"' in text
@@ -216,20 +218,13 @@ def test_queue_full_503_and_supersede_queued(make_app):
     app = make_app(queue_size=1, max_tokens=400)
     worker = app.state.server.worker
 
-    async def until(cond):
-        for _ in range(500):
-            if cond():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("condition not reached")
-
     async def main():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as c:
             long = asyncio.create_task(_post(c, {**RAW_LONG, "max_tokens": 400, "user": "a"}))
-            await until(lambda: worker.busy and worker.depth == 0)  # `long` runs now
+            await eventually(lambda: worker.busy and worker.depth == 0)  # `long` runs now
             queued = asyncio.create_task(_post(c, {**PY, "max_tokens": 2, "user": "b"}))
-            await until(lambda: worker.depth == 1)
+            await eventually(lambda: worker.depth == 1)
             full = await _post(c, {**PY, "max_tokens": 2, "user": "c"})
             # a newer request of user b takes the place of the queued one
             newer = asyncio.create_task(_post(c, {**PY, "max_tokens": 2, "user": "b"}))

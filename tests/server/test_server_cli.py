@@ -30,5 +30,6 @@ def test_device_cuda_without_a_gpu_is_one_line():
 def test_remote_engine_needs_upstreams_and_a_tokenizer(tmp_path):
     r = kodkod("serve", "--engine", "openai", "--model", str(tmp_path))
     assert r.returncode == 2 and "needs at least one upstream" in r.stderr and "Traceback" not in r.stderr
-    r = kodkod("serve", "--engine", "openai", "--model", str(tmp_path), "--upstream", "http://127.0.0.1:1")
+    r = kodkod("serve", "--engine", "openai", "--model", str(tmp_path), "--upstream", "http://127.0.0.1:1",
+               "--port", "0")  # serve takes its port before it reads the model
     assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr

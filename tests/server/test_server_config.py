@@ -75,3 +75,15 @@ def test_complete_command(tmp_path, capsys):
     assert rc == 0
     assert "# ---- prompt text ----" in out and "def fib(n):" in out and "# ---- completion ----" in out
     assert main(["complete", "nofile"]) == 2
+
+
+def test_traffic_limits_from_env_and_file(tmp_path):
+    f = tmp_path / "kodkod.toml"
+    f.write_text('allowed_hosts = ["kodkod", "gpu-box.lan"]\nmax_connections = 4000\nhead_timeout_s = 5\n')
+    c = load_config({}, env={"KODKOD_CORS_ORIGINS": "https://a.example, https://b.example",
+                             "KODKOD_LOG_MAX_BYTES": "1000000"}, config_file=f)
+    assert c.allowed_hosts == ["kodkod", "gpu-box.lan"]
+    assert c.cors_origins == ["https://a.example", "https://b.example"]
+    assert (c.max_connections, c.head_timeout_s, c.log_max_bytes) == (4000, 5.0, 1_000_000)
+    with pytest.raises(ConfigError, match="max_connections"):
+        load_config({}, env={"KODKOD_MAX_CONNECTIONS": "2"})

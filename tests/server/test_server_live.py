@@ -89,7 +89,7 @@ def test_nonstream_disconnect_cancels(live, engine):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(LONG).encode()
     s = socket.create_connection((host, int(port)))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: %d\r\n\r\n" % len(body) + body)
     srv = app.state.server
     deadline = time.monotonic() + 10
