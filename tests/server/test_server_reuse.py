@@ -9,7 +9,7 @@ from starlette.testclient import TestClient
 from server.config import ConfigError, load_config
 from srvutil import fixture_dir
 
-from conftest import TINY
+TINY = "llama-tiny-4.0bpw"
 
 
 def test_reuse_switches_from_every_source(tmp_path):
