@@ -40,6 +40,18 @@ __device__ __forceinline__ uint32_t lane_word(const uint4& w, int c) {
   return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
 }
 
+// Value i of column c of a B-bit chunk, minus the format's offset 2^(B-1), as an exact float
+// (the magic-number conversion: no integer-to-float instruction).
+template <int B>
+__device__ __forceinline__ float chunk_value(const uint4* raw, int i, int c) {
+  constexpr float kBias = 8388608.f + float(1 << (B - 1));
+  const int bit = i * B, wi = bit / 32, sh = bit % 32;
+  uint32_t q = lane_word(raw[wi], c) >> sh;
+  if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
+  q &= (1u << B) - 1u;
+  return __uint_as_float(0x4B000000u | q) - kBias;
+}
+
 // Sum over the block; `red` holds at least 32 floats. Safe to call back to back.
 __device__ float block_sum(float v, float* red) {
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -136,7 +148,6 @@ __device__ __forceinline__ void exl2_chunk(int4 meta, const float (&scale)[kLane
                                            const half* xs, float (&acc)[kLaneCols]) {
   constexpr int V = chunk_values(B);
   constexpr int H = V > 16 ? 16 : V;  // values per pass: bounds the x registers for 32-value chunks
-  constexpr float kBias = 8388608.f + float(1 << (B - 1));
   float sum[kLaneCols] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int h = 0; h < V; h += H) {
@@ -151,13 +162,7 @@ __device__ __forceinline__ void exl2_chunk(int4 meta, const float (&scale)[kLane
 #pragma unroll
     for (int c = 0; c < kLaneCols; ++c) {
 #pragma unroll
-      for (int i = 0; i < H; ++i) {
-        const int bit = (h + i) * B, wi = bit / 32, sh = bit % 32;
-        uint32_t q = lane_word(raw[wi], c) >> sh;
-        if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
-        q &= (1u << B) - 1u;
-        sum[c] = fmaf(__uint_as_float(0x4B000000u | q) - kBias, x[i], sum[c]);
-      }
+      for (int i = 0; i < H; ++i) sum[c] = fmaf(chunk_value<B>(raw, h + i, c), x[i], sum[c]);
     }
   }
 #pragma unroll
@@ -510,20 +515,13 @@ __device__ void dequant_chunk(const Matrix& m, int4 meta, int col0, half* out) {
   for (int j = 0; j < W; ++j) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
   float scale[kLaneCols];
   group_scales(m.q_scale[(size_t)meta.z * (m.n / 8) + col0 / 8], m.q_scale_max[meta.z], col0, scale);
-  constexpr float kBias = 8388608.f + float(1 << (B - 1));
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int row = meta.y + i;
     if (row >= m.k) break;
-    const int wi = i * B / 32, sh = i * B % 32;
     half vals[kLaneCols];
 #pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) {
-      uint32_t q = lane_word(raw[wi], c) >> sh;
-      if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
-      q &= (1u << B) - 1u;
-      vals[c] = __float2half((__uint_as_float(0x4B000000u | q) - kBias) * scale[c]);
-    }
+    for (int c = 0; c < kLaneCols; ++c) vals[c] = __float2half(chunk_value<B>(raw, i, c) * scale[c]);
     *reinterpret_cast<uint2*>(out + (size_t)m.perm[row] * m.n + col0) = *reinterpret_cast<const uint2*>(vals);
   }
 }
@@ -574,18 +572,11 @@ __device__ __forceinline__ void exl2_chunk_tokens(int4 meta, const float (&scale
                                                   const uint4 (&raw)[kMaxWords], const half* xp, int stride,
                                                   int tokens, float (&acc)[T][kLaneCols]) {
   constexpr int V = chunk_values(B);
-  constexpr float kBias = 8388608.f + float(1 << (B - 1));
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const int bit = i * B, wi = bit / 32, sh = bit % 32;
     float w[kLaneCols];
 #pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) {
-      uint32_t q = lane_word(raw[wi], c) >> sh;
-      if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
-      q &= (1u << B) - 1u;
-      w[c] = (__uint_as_float(0x4B000000u | q) - kBias) * scale[c];
-    }
+    for (int c = 0; c < kLaneCols; ++c) w[c] = chunk_value<B>(raw, i, c) * scale[c];
     fma_tokens<T>(w, xp, stride, meta.y + i, tokens, acc);
   }
 }

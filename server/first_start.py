@@ -62,11 +62,10 @@ def plan(name: str | None, home: Path, gpu: bool) -> Plan:
         p.steps.append(f"convert it to EXL2 {m.convert['bits']:g} bpw on the GPU "
                        f"(about {CONVERT_GPU_S[0] // 60}-{CONVERT_GPU_S[1] // 60} minutes, an estimate)")
         low, high = low + CONVERT_GPU_S[0], high + CONVERT_GPU_S[1]
-        p.steps.append("compile the CUDA kernels, unless they are cached or prebuilt (about a minute, once)")
-        high += 90
     elif gpu:
         p.steps.append("serve those weights on the GPU (for this model fp16 beats its EXL2 conversion "
                        "on pass@1: docs/benchmarks.md)")
+    if gpu:
         p.steps.append("compile the CUDA kernels, unless they are cached or prebuilt (about a minute, once)")
         high += 90
     else:

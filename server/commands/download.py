@@ -36,16 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
         gpu_here = torch.cuda.is_available()
         target = "gpu" if target == "gpu" or gpu_here else "cpu"
-    try:
-        if target == "gpu" and known(args.name).gpu_form == "imported":
-            target = "cpu"  # this model serves its fp16 import on a GPU as well
-    except DownloadError as exc:
-        print(f"kodkod download: {exc}", file=sys.stderr)
-        return 1
     home = Path(args.home) if args.home else None
     t0 = time.time()
     try:
-        if target == "cpu":
+        # a CPU serves the fp16 import, a GPU what the model's entry says (the default: the fp16 import too)
+        if target == "cpu" or known(args.name).gpu_form == "imported":
             path = ensure_imported(args.name, home, progress=not args.no_progress)
         else:
             path = ensure_model(args.name, home, progress=not args.no_progress,

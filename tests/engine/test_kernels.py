@@ -107,12 +107,18 @@ def test_exl2_gemv_tokens_matches_fp64_reference(ext, mix, shape, tokens):
     assert torch.allclose(out[-1].float(), y.float(), rtol=2e-3, atol=2e-3)  # the one-token kernel agrees
 
 
-def test_dense_gemv_tokens(ext):
-    g = torch.Generator(device=DEV).manual_seed(2)
+def dense_layer(ext, seed):
+    """A dense fp16 layer [100, 72] with a bias, handed to the kernels: (layer, its weight, its bias)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
     w = (torch.randn(100, 72, generator=g, device=DEV) * 0.1).half()
     b = (torch.randn(100, generator=g, device=DEV) * 0.1).half()
     lin = Linear(w.clone(), b)
     lin.prepare_kernels(ext)
+    return lin, w, b
+
+
+def test_dense_gemv_tokens(ext):
+    lin, w, b = dense_layer(ext, seed=2)
     x = torch.randn(5, 72, device=DEV).half()
     out = torch.empty(5, 100, device=DEV, dtype=torch.float16)
     ext.gemv_tokens(lin.kernel_matrix, x, out, torch.empty(5 * 72, device=DEV, dtype=torch.float16))
@@ -120,11 +126,7 @@ def test_dense_gemv_tokens(ext):
 
 
 def test_dense_gemv(ext):
-    g = torch.Generator(device=DEV).manual_seed(1)
-    w = (torch.randn(100, 72, generator=g, device=DEV) * 0.1).half()
-    b = (torch.randn(100, generator=g, device=DEV) * 0.1).half()
-    lin = Linear(w.clone(), b)
-    lin.prepare_kernels(ext)
+    lin, w, b = dense_layer(ext, seed=1)
     assert torch.equal(lin.weight, w)  # the torch view of the transposed storage
     x = torch.randn(72, device=DEV).half()
     y = torch.full((100,), float("nan"), device=DEV)
