@@ -124,10 +124,10 @@ void gemv_tokens(const MatrixHandle& mat, torch::Tensor x, torch::Tensor out, to
   check(out, torch::kHalf, "out");
   check(scratch, torch::kHalf, "scratch");
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kodkod::kMaxTokens, "x must be [1..16, k]");
-  const int64_t tokens = x.size(0), stride = (mat.m.x_len + 7) / 8 * 8;
+  const int64_t tokens = x.size(0), stride = mat.m.x_len;
   TORCH_CHECK(x.size(1) <= mat.m.x_len, "input longer than the matrix's rows");
   TORCH_CHECK(out.numel() >= tokens * mat.m.n_out, "out too small");
-  TORCH_CHECK(scratch.numel() >= tokens * stride, "scratch too small");
+  TORCH_CHECK(scratch.numel() >= 8 * stride, "scratch too small: 8 x x_len halfs");
   const c10::cuda::CUDAGuard guard(x.device());
   kodkod::gemv_tokens(mat.m, ptr<const half>(x), static_cast<int>(tokens), static_cast<int>(x.size(1)),
                       ptr<half>(out), ptr<half>(scratch), stream());

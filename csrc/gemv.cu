@@ -1,18 +1,21 @@
-// Matrix-vector products for one token: EXL2-packed or dense fp16 weights.
+// Matrix-vector products for one token (or a pass of up to 8): EXL2-packed or dense fp16 weights,
+// multiplied on the tensor cores.
 //
 // A block owns a tile of 32 output columns (128 for the head) and a range of the rows: all of
 // them, or one of a few K splits whose partial sums the last split to finish adds in a fixed
-// order (no atomics on the outputs: the same result every run). The EXL2 rows are cut into
-// chunks that decode on their own (a chunk table per matrix).
+// order (no atomics on the outputs: the same result every run). The rows are cut into chunks of
+// 16 or 32 that decode on their own (a chunk table per matrix); each warp takes one chunk of 32
+// columns at a time: its lanes turn their words into the fp16 A fragment of mma.m16n8k16 (a mask
+// and a fused multiply-add per pair of values, exact), the input is the B fragment, and the
+// integer products of a chunk are summed in fp32 and then scaled (engine/kernel_layout.py says
+// where each value lives).
 // Before the kernel waits for its input (programmatic dependent launch, Hopper) it copies, with
 // asynchronous copies that hold no registers, everything that does not depend on the previous
 // kernel into shared memory: its chunk-table entries, its permutation rows, the norm's weights,
 // and its weight rows (as many as the launcher's window holds; the rest are sent toward L2 and
 // read from global memory). So the weights stream in while the previous kernel still runs, with
 // every byte of the tile in flight at once. Then the input is gathered through the permutation,
-// after an optional RMSNorm/LayerNorm of the fp32 residual stream (fused: no launch of its own),
-// and the 256 threads (row slices x column lanes; a lane decodes 4 columns of a packed row, one
-// 16-byte word group) compute from shared memory.
+// after an optional RMSNorm/LayerNorm of the fp32 residual stream (fused: no launch of its own).
 // Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x), store fp32 (logits).
 #include "kodkod.h"
 #include "launch.cuh"
@@ -24,32 +27,95 @@
 namespace kodkod {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kLaneCols = 4;   // columns per thread: one 16-byte load of packed words
-constexpr int kMaxWords = 5;   // words per chunk, at most (5-bit)
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kPassTokens = 8; // tokens of one multi-token pass: the mma's n
 constexpr int kStage = 1024;   // chunk-table entries a block stages in shared memory
-constexpr int kDenseRows = 8;  // rows per dense chunk
 constexpr int kMaxSplits = 64;
 
-__host__ __device__ constexpr int chunk_words(int bits) { return bits == 3 || bits == 5 ? bits : (bits == 6 ? 3 : 1); }
-__host__ __device__ constexpr int chunk_values(int bits) { return chunk_words(bits) * 32 / bits; }
+// The layout engine/kernel_layout.py writes (read its docstring first): a chunk is 16 (2-bit, dense)
+// or 32 rows; a lane of a warp holds 4 columns of a 32-column tile and, per 16-row k-step, the rows
+// 2t, 2t+1, 2t+8, 2t+9 (t = lane % 4) as fp16 pairs, exactly the A fragment of mma.m16n8k16.
+__host__ __device__ constexpr int chunk_values(int bits) { return bits == 2 || bits == kDenseBits ? 16 : 32; }
+__host__ __device__ constexpr int chunk_words(int bits) { return chunk_values(bits) * bits / 32; }
+__host__ __device__ constexpr int lo_bits(int bits) { return bits == 3 ? 2 : bits == 5 || bits == 6 ? 4 : bits; }
 
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
 
-__device__ __forceinline__ uint32_t lane_word(const uint4& w, int c) {
-  return c == 0 ? w.x : c == 1 ? w.y : c == 2 ? w.z : w.w;
+// fp16 bit patterns of exact constants, worked out at compile time.
+__host__ __device__ constexpr int ilog2(int m) { int e = 0; while ((m >> e) > 1) ++e; return e; }
+__host__ __device__ constexpr bool fp16_exact(int m) { return m > 0 && m <= 65504 && (ilog2(m) <= 10 || ((m >> (ilog2(m) - 10)) << (ilog2(m) - 10)) == m); }
+__host__ __device__ constexpr uint32_t fp16_int(int m) {  // a positive integer that fp16 holds exactly
+  return uint32_t((ilog2(m) + 15) << 10) | uint32_t((ilog2(m) <= 10 ? m << (10 - ilog2(m)) : m >> (ilog2(m) - 10)) & 0x3FF);
+}
+__host__ __device__ constexpr uint32_t fp16_pow2(int x) { return uint32_t((x + 15) << 10); }
+__host__ __device__ constexpr uint32_t twice(uint32_t h) { return h | h << 16; }
+
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
-// Value i of column c of a B-bit chunk, minus the format's offset 2^(B-1), as an exact float
-// (the magic-number conversion: no integer-to-float instruction).
-template <int B>
-__device__ __forceinline__ float chunk_value(const uint4* raw, int i, int c) {
-  constexpr float kBias = 8388608.f + float(1 << (B - 1));
-  const int bit = i * B, wi = bit / 32, sh = bit % 32;
-  uint32_t q = lane_word(raw[wi], c) >> sh;
-  if (sh + B > 32) q |= lane_word(raw[wi + 1], c) << (32 - sh);
-  q &= (1u << B) - 1u;
-  return __uint_as_float(0x4B000000u | q) - kBias;
+// Where pair p of a B-bit chunk lives and how it becomes two fp16 values (q - 2^(B-1)), exactly:
+// a mask puts each value under the exponent of 1024 (0x6400: 1024 + 2^e * v), one fused
+// multiply-add scales it back and removes 1024 and the offset. Two planes: the high plane's
+// multiply-add leaves 2^BL * hi - offset - 1024 * 2^-e, and the low plane's adds itself to that.
+struct PairCode {
+  int lo_word, lo_shift, hi_word, hi_shift;
+  uint32_t lo_mask, hi_mask, lo_mul, lo_add, hi_mul, hi_add;
+  bool two_planes, exact;
+};
+
+__host__ __device__ constexpr PairCode pair_code(int B, int p) {
+  const int BL = lo_bits(B), BH = B - BL, OFF = 1 << (B - 1), P = chunk_values(B) / 2;
+  const int lpos = BL * (p % (16 / BL)), lsh = lpos >= 8 ? 8 : 0, e = lpos - lsh;
+  const int hs = BH ? 16 / BH : 1, hpos = BH * (p % hs), hsh = hpos >= 8 ? 8 : 0, f = hpos - hsh;
+  const int lo_unit = 1024 >> e, hi_unit = BL >= f ? 1024 << (BL - f) : 1024 >> (f - BL);
+  const int c_one = lo_unit + OFF, c_two = hi_unit + OFF + lo_unit;
+  return PairCode{p / (16 / BL), lsh, P * BL / 16 + p / hs, hsh,
+                  (((1u << BL) - 1u) << e) * 0x10001u, BH ? (((1u << BH) - 1u) << f) * 0x10001u : 0u,
+                  twice(fp16_pow2(-e)), twice(0x8000u | fp16_int(BH ? lo_unit : c_one)),
+                  twice(fp16_pow2(BL - f)), twice(0x8000u | fp16_int(c_two)),
+                  BH > 0, BH ? fp16_exact(c_two) : fp16_exact(c_one)};
+}
+
+template <int B, int p = 0>
+__device__ __forceinline__ void decode_pairs(const uint32_t* w, uint32_t* a) {
+  if constexpr (p < chunk_values(B) / 2) {
+    constexpr PairCode Q = pair_code(B, p);
+    static_assert(Q.exact, "a decode constant fp16 cannot hold");
+    const uint32_t lo = ((w[Q.lo_word] >> Q.lo_shift) & Q.lo_mask) | 0x64006400u;
+    if constexpr (!Q.two_planes) {
+      a[p] = hfma2(lo, Q.lo_mul, Q.lo_add);
+    } else {
+      const uint32_t hi = ((w[Q.hi_word] >> Q.hi_shift) & Q.hi_mask) | 0x64006400u;
+      a[p] = hfma2(lo, Q.lo_mul, hfma2(hi, Q.hi_mul, Q.hi_add));
+    }
+    decode_pairs<B, p + 1>(w, a);
+  }
+}
+
+// d += A B for one 16-row k-step: A rows g, g+8 (two columns of the lane), B the inputs (n: token).
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else  // Turing: two k8 halves
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(b0));
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a2), "r"(a3), "r"(b1));
+#endif
+}
+
+// The two mmas of k-step s over the lane's pairs a: columns (0, 1) into d[0], (2, 3) into d[1].
+__device__ __forceinline__ void mma_step(float (&d)[2][4], const uint32_t* a, const uint32_t (&b)[2]) {
+#pragma unroll
+  for (int m = 0; m < 2; ++m) mma(d[m], a[4 * m], a[4 * m + 2], a[4 * m + 1], a[4 * m + 3], b[0], b[1]);
 }
 
 // Sum over the block; `red` holds at least 32 floats. Safe to call back to back.
@@ -73,20 +139,19 @@ __device__ float activate(float x, int act) {
 }
 
 // Scales of the 4 columns col0.. in group g: (code + 1)^2 * max / 256.
-__device__ __forceinline__ void group_scales(uint32_t word, half max, int col0, float (&s)[kLaneCols]) {
+__device__ __forceinline__ void group_scales(uint32_t word, half max, int col0, float (&s)[4]) {
   const uint32_t codes = word >> (4 * (col0 % 8));
   const float smax = __half2float(max) * (1.f / 256.f);
 #pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) {
+  for (int c = 0; c < 4; ++c) {
     const float q = float(((codes >> (4 * c)) & 15u) + 1u);
     s[c] = q * q * smax;
   }
 }
 
-// Value rows a chunk covers.
-__device__ __forceinline__ int chunk_rows(int4 meta) {
-  return meta.w == kDenseBits ? meta.z : chunk_words(meta.w) * 32 / meta.w;
-}
+// Value rows a chunk covers (what the input must hold, zero past K) and its packed rows.
+__device__ __forceinline__ int chunk_rows(int4 meta) { return chunk_values(meta.w); }
+__device__ __forceinline__ int chunk_packed_rows(int4 meta) { return meta.w == kDenseBits ? meta.z : chunk_words(meta.w); }
 
 // Asynchronous copies to shared memory (sm_80+: cp.async, no registers held until the wait);
 // older GPUs copy through registers.
@@ -118,9 +183,6 @@ __device__ __forceinline__ void copies_wait() {
 #endif
 }
 
-// Packed rows a chunk covers.
-__device__ __forceinline__ int chunk_packed_rows(int4 meta) { return meta.w == kDenseBits ? meta.z : chunk_words(meta.w); }
-
 // One matrix of a block: its chunk range, and its packed rows [r_lo, r_hi) staged in shared
 // memory at w (rows from r_hi on are read from global memory).
 struct Part {
@@ -132,85 +194,94 @@ struct Part {
   half* smax = nullptr;       // [g_n]
 };
 
-// Packed row r of this thread's 4 columns: 16 bytes of words (EXL2) or 8 bytes of halfs (dense).
-__device__ __forceinline__ uint4 row16(const Matrix& m, const Part& p, int r, int col0, int lane) {
-  if (r < p.r_hi) return *reinterpret_cast<const uint4*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + lane * 16);
-  return __ldg(reinterpret_cast<const uint4*>(m.q_weight + (size_t)r * m.n + col0));
+// Where a warp reads: its 32 columns (col = first of them, within the block's tile at sub * 32),
+// its lane (g = lane / 4 owns columns 4g..4g+3, t = lane % 4 picks rows) and the inputs of the mma's
+// B fragment: one token from shared memory (every n the same), or token g of a pass from global memory.
+struct Lane {
+  int col, sub, lane, g, t;
+  const half* x;  // inputs in permuted row order: the token of this lane's n
+};
+
+// Word j of an EXL2 chunk starting at packed row r.
+__device__ __forceinline__ uint32_t chunk_word(const Matrix& m, const Part& p, int r, const Lane& L) {
+  if (r < p.r_hi) return *reinterpret_cast<const uint32_t*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + (L.sub * 32 + L.lane) * 4);
+  return __ldg(m.q_weight + (size_t)r * m.n + L.col + L.lane);
 }
 
-__device__ __forceinline__ uint2 row8(const Matrix& m, const Part& p, int r, int col0, int lane) {
-  if (r < p.r_hi) return *reinterpret_cast<const uint2*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + lane * 8);
-  return __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const half*>(m.q_weight) + (size_t)r * m.n + col0));
+// Dense row r, the lane's 4 columns.
+__device__ __forceinline__ uint2 dense_row(const Matrix& m, const Part& p, int r, const Lane& L) {
+  if (r < p.r_hi) return *reinterpret_cast<const uint2*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + (L.sub * 32 + 4 * L.g) * 2);
+  return __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const half*>(m.q_weight) + (size_t)r * m.n + L.col + 4 * L.g));
 }
 
+// B fragment of the k-step at value row k: inputs k + 2t, +1 and k + 2t + 8, +9.
+__device__ __forceinline__ void inputs(const Lane& L, int k, uint32_t (&b)[2]) {
+  b[0] = *reinterpret_cast<const uint32_t*>(L.x + k + 2 * L.t);
+  b[1] = *reinterpret_cast<const uint32_t*>(L.x + k + 2 * L.t + 8);
+}
+
+// acc: per mma (lane columns 0-1, 2-3) the C fragment: [0] column 2m, n = 2t; [1] n = 2t + 1;
+// [2], [3] column 2m + 1. Per chunk the integer products are summed exactly in fp32, then scaled.
 template <int B>
-__device__ __forceinline__ void exl2_chunk(int4 meta, const float (&scale)[kLaneCols], const uint4 (&raw)[kMaxWords],
-                                           const half* xs, float (&acc)[kLaneCols]) {
-  constexpr int V = chunk_values(B);
-  constexpr int H = V > 16 ? 16 : V;  // values per pass: bounds the x registers for 32-value chunks
-  float sum[kLaneCols] = {0.f, 0.f, 0.f, 0.f};
+__device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
+                                           const float (&scale)[4], float (&acc)[2][4]) {
+  constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
+  uint32_t w[W], a[8 * S], b[S][2];
 #pragma unroll
-  for (int h = 0; h < V; h += H) {
-    float x[H];
-    const half2* xs2 = reinterpret_cast<const half2*>(xs + meta.y + h);
+  for (int j = 0; j < W; ++j) w[j] = chunk_word(m, p, meta.x + j, L);
 #pragma unroll
-    for (int i = 0; i < H / 2; ++i) {
-      const float2 f = __half22float2(xs2[i]);
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
+  for (int s = 0; s < S; ++s) inputs(L, meta.y + 16 * s, b[s]);
+  decode_pairs<B>(w, a);
+  float d[2][4] = {};
 #pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) {
+  for (int s = 0; s < S; ++s) mma_step(d, a + 8 * s, b[s]);
 #pragma unroll
-      for (int i = 0; i < H; ++i) sum[c] = fmaf(chunk_value<B>(raw, h + i, c), x[i], sum[c]);
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) acc[c] = fmaf(sum[c], scale[c], acc[c]);
-}
-
-__device__ __forceinline__ void dense_chunk(int4 meta, const uint2 (&r2)[kDenseRows], const half* xs,
-                                            float (&acc)[kLaneCols]) {
-#pragma unroll
-  for (int i = 0; i < kDenseRows; ++i) {
-    if (i >= meta.z) break;
-    const float x = __half2float(xs[meta.y + i]);
-    const float2 a = __half22float2(*reinterpret_cast<const half2*>(&r2[i].x));
-    const float2 b = __half22float2(*reinterpret_cast<const half2*>(&r2[i].y));
-    acc[0] = fmaf(a.x, x, acc[0]);
-    acc[1] = fmaf(a.y, x, acc[1]);
-    acc[2] = fmaf(b.x, x, acc[2]);
-    acc[3] = fmaf(b.y, x, acc[3]);
+  for (int i = 0; i < 2; ++i) {
+    acc[i][0] = fmaf(d[i][0], scale[2 * i], acc[i][0]);
+    acc[i][1] = fmaf(d[i][1], scale[2 * i], acc[i][1]);
+    acc[i][2] = fmaf(d[i][2], scale[2 * i + 1], acc[i][2]);
+    acc[i][3] = fmaf(d[i][3], scale[2 * i + 1], acc[i][3]);
   }
 }
 
-__device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, int col0, int lane,
-                                              const half* xs, float (&acc)[kLaneCols]) {
-  if (meta.w == kDenseBits) {
-    uint2 r2[kDenseRows];
+// Dense rows: the pairs of column c are the halves c of rows 2t + 8h and 2t + 8h + 1 (zero past the chunk).
+__device__ __forceinline__ void dense_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L, float (&acc)[2][4]) {
+  uint2 r[2][2];
 #pragma unroll
-    for (int i = 0; i < kDenseRows; ++i) r2[i] = i < meta.z ? row8(m, p, meta.x + i, col0, lane) : make_uint2(0, 0);
-    dense_chunk(meta, r2, xs, acc);
-    return;
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int i = 2 * L.t + 8 * h + e;
+      r[h][e] = i < meta.z ? dense_row(m, p, meta.x + i, L) : make_uint2(0u, 0u);
+    }
+  uint32_t a[8], b[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    a[0 + h] = __byte_perm(r[h][0].x, r[h][1].x, 0x5410);
+    a[2 + h] = __byte_perm(r[h][0].x, r[h][1].x, 0x7632);
+    a[4 + h] = __byte_perm(r[h][0].y, r[h][1].y, 0x5410);
+    a[6 + h] = __byte_perm(r[h][0].y, r[h][1].y, 0x7632);
   }
-  uint4 raw[kMaxWords];
-  const int words = chunk_words(meta.w);
-#pragma unroll
-  for (int j = 0; j < kMaxWords; ++j)
-    if (j < words) raw[j] = row16(m, p, meta.x + j, col0, lane);
-  float scale[kLaneCols];
-  const int g = meta.z - p.g_lo;
+  inputs(L, meta.y, b);
+  mma_step(acc, a, b);
+}
+
+__device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
+                                              float (&acc)[2][4]) {
+  if (meta.w == kDenseBits) return dense_chunk(m, p, meta, L, acc);
+  float scale[4];
+  const int g = meta.z - p.g_lo, col0 = L.col + 4 * L.g;
   if (g >= 0 && g < p.g_n)
-    group_scales(p.codes[g * (p.row_bytes / 32) + lane / 2], p.smax[g], col0, scale);
+    group_scales(p.codes[g * (p.row_bytes / 32) + L.sub * 4 + L.g / 2], p.smax[g], col0, scale);
   else
     group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
   switch (meta.w) {
-    case 2: exl2_chunk<2>(meta, scale, raw, xs, acc); break;
-    case 3: exl2_chunk<3>(meta, scale, raw, xs, acc); break;
-    case 4: exl2_chunk<4>(meta, scale, raw, xs, acc); break;
-    case 5: exl2_chunk<5>(meta, scale, raw, xs, acc); break;
-    case 6: exl2_chunk<6>(meta, scale, raw, xs, acc); break;
-    default: exl2_chunk<8>(meta, scale, raw, xs, acc); break;
+    case 2: exl2_chunk<2>(m, p, meta, L, scale, acc); break;
+    case 3: exl2_chunk<3>(m, p, meta, L, scale, acc); break;
+    case 4: exl2_chunk<4>(m, p, meta, L, scale, acc); break;
+    case 5: exl2_chunk<5>(m, p, meta, L, scale, acc); break;
+    case 6: exl2_chunk<6>(m, p, meta, L, scale, acc); break;
+    default: exl2_chunk<8>(m, p, meta, L, scale, acc); break;
   }
 }
 
@@ -223,32 +294,11 @@ struct Chunks {
   __device__ __forceinline__ int4 operator[](int i) const { return staged ? staged[i - lo] : __ldg(global + i); }
 };
 
-// Sum the slices of each column; thread t < TILE gets column t of the tile. Slices that share a
-// warp are added with shuffles first, so each output thread adds one value per warp.
-template <int LANES>
-__device__ float reduce_slices(float (&acc)[kLaneCols], float* red) {
-  constexpr int TILE = LANES * kLaneCols, WARPS = kThreads / 32;
-  const int lane = threadIdx.x % LANES, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int c = 0; c < kLaneCols; ++c) {
-#pragma unroll
-    for (int o = LANES; o < 32; o <<= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
-  }
-  if (threadIdx.x % 32 < LANES)
-#pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) red[warp * (TILE + 1) + lane * kLaneCols + c] = acc[c];
-  __syncthreads();
-  float s = 0.f;
-  if (threadIdx.x < TILE)
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) s += red[w * (TILE + 1) + threadIdx.x];
-  __syncthreads();
-  return s;
-}
-
 // Shared memory of a block (dynamic part), in this order: the gathered input of each part
 // (fp16), each part's permutation rows (uint16, staged before the input is ready), and for the
-// norm modes the fp32 residual stream and the norm's weight and bias (fp16, staged early too).
+// norm modes the fp32 residual stream and the norm's weight and bias (fp16, staged early too);
+// the scale codes and maxima, the warps' sums, the weight window. A multi-token pass reads its
+// inputs from global memory: no input, permutation or norm arrays.
 struct Smem {
   half* xs;
   uint16_t* perm;
@@ -257,6 +307,7 @@ struct Smem {
   half* norm_b;
   uint32_t* codes;  // per part a.scale_groups rows of tile_cols / 8 scale-code words
   half* smax;       // per part a.scale_groups group maxima
+  float* red;       // [slices, tokens, tile_cols]: the warps' sums
   char* w;          // the weight window: a.window bytes, split evenly between the parts
 };
 
@@ -266,20 +317,22 @@ __host__ __device__ inline int part_stride(const GemvArgs& a) {
   return s;
 }
 
-__host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, Smem* layout = nullptr,
+__host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, bool multi, Smem* layout = nullptr,
                                              char* base = nullptr) {
-  const int parts = a.out_mode == kOutGated ? 2 : 1, stride = part_stride(a);
+  const int parts = a.out_mode == kOutGated ? 2 : 1, stride = multi ? 0 : part_stride(a);
   const int k_pad = a.in_mode == kInHalf ? 0 : (a.k_in + 7) / 8 * 8;
+  const int slices = kWarps / (tile_cols / 32);
   const size_t xs = 0, perm = xs + sizeof(half) * parts * stride, h = perm + sizeof(uint16_t) * parts * stride,
                nw = h + sizeof(float) * k_pad, nb = nw + sizeof(half) * k_pad,
                codes = (nb + (a.in_mode == kInLayerNorm ? sizeof(half) * k_pad : 0) + 15) / 16 * 16,
                smax = codes + sizeof(uint32_t) * parts * a.scale_groups * (tile_cols / 8),
-               w = (smax + sizeof(half) * parts * a.scale_groups + 15) / 16 * 16;
+               red = (smax + sizeof(half) * parts * a.scale_groups + 15) / 16 * 16,
+               w = red + sizeof(float) * slices * (multi ? kPassTokens : 1) * tile_cols;
   if (layout)
     *layout = Smem{reinterpret_cast<half*>(base + xs), reinterpret_cast<uint16_t*>(base + perm),
                    reinterpret_cast<float*>(base + h), reinterpret_cast<half*>(base + nw),
                    reinterpret_cast<half*>(base + nb), reinterpret_cast<uint32_t*>(base + codes),
-                   reinterpret_cast<half*>(base + smax), base + w};
+                   reinterpret_cast<half*>(base + smax), reinterpret_cast<float*>(base + red), base + w};
   return w + a.window;
 }
 
@@ -311,11 +364,12 @@ __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
   return make_int2((int)((long long)m.n_chunks * ks / nks), (int)((long long)m.n_chunks * (ks + 1) / nks));
 }
 
-template <int LANES, int MIN_BLOCKS>
+// A block: 8 warps over a tile of TW x 32 columns; warp w takes columns (w % TW) * 32 and every
+// (8 / TW)-th chunk of the block's range. MULTI: a pass of up to 8 tokens (fp16 in and out, no split).
+template <int TW, int MIN_BLOCKS, bool MULTI>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvArgs a) {
-  constexpr int TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
+  constexpr int TILE = TW * 32, SLICES = kWarps / TW;
   extern __shared__ __align__(16) char smem[];
-  __shared__ float red[(kThreads / 32) * (TILE + 1)];
   __shared__ float stats[32];
   __shared__ bool last;
 
@@ -325,12 +379,17 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   if (!gated)
     while (mi + 1 < a.n_mats && tile >= tiles(a.mat[mi], TILE)) tile -= tiles(a.mat[mi++], TILE);
   const int ks = blockIdx.y, nks = gridDim.y;
-  const int lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
-  const int col0 = tile * TILE + lane * kLaneCols;
+  const int warp = threadIdx.x / 32, slice = warp / TW;
   trace_point(a.trace, 0);
   Smem sm;
-  smem_bytes(a, TILE, &sm, smem);
-  const int stride = part_stride(a);
+  smem_bytes(a, TILE, MULTI, &sm, smem);
+  const int stride = MULTI ? a.mat[0].x_len : part_stride(a);
+  Lane L;
+  L.sub = warp % TW;
+  L.col = tile * TILE + L.sub * 32;
+  L.lane = threadIdx.x % 32;
+  L.g = L.lane / 4;
+  L.t = L.lane % 4;
 
   // This block's rows of each part: from the first and last chunk of its range.
   Part p[2];
@@ -374,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       for (int i = threadIdx.x; i < p[j].c_hi - p[j].c_lo; i += blockDim.x)
         copy16(staged + offset + i, m.chunks + p[j].c_lo + i);
     offset += p[j].c_hi - p[j].c_lo;
-    if (m.perm16)  // 4 rows per copy; chunk boundaries are multiples of 4 rows, the table is padded to 8
+    if (m.perm16 && !MULTI)  // 4 rows per copy; chunk boundaries are multiples of 4 rows, the table is padded to 8
       for (int k = p[j].k_lo + 4 * (int)threadIdx.x; k < min(p[j].k_hi, m.k); k += 4 * blockDim.x)
         copy8(sm.perm + j * stride + k, m.perm16 + k);
     const int pieces = p[j].row_bytes / 16, elem = m.q_scale ? 4 : 2;
@@ -391,10 +450,11 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
                m.q_scale + (size_t)(p[j].g_lo + g) * (m.n / 8) + tile * (TILE / 8) + c * 4);
     }
     for (int i = threadIdx.x; i < p[j].g_n; i += blockDim.x) p[j].smax[i] = m.q_scale_max[p[j].g_lo + i];
-    for (int r = p[j].r_hi + slice; r < p[j].r_end; r += SLICES)  // beyond the window: toward L2
-      prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + col0) * elem);
+    if (L.col < m.n)
+      for (int r = p[j].r_hi + slice; r < p[j].r_end; r += SLICES)  // beyond the window: toward L2
+        if (L.lane == 0) prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + L.col) * elem);
   }
-  if (a.in_mode != kInHalf) {
+  if (a.in_mode != kInHalf && !MULTI) {
     for (int i = 4 * threadIdx.x; i < a.k_in; i += 4 * blockDim.x) {
       if (i + 4 <= a.k_in && a.k_in % 4 == 0) {
         copy8(sm.norm_w + i, a.norm_w + i);
@@ -413,49 +473,86 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   pdl_trigger();
   trace_point(a.trace, 2);
 
-  // The residual stream is read once, into shared memory; the norm's sums come from the same pass
-  // (LayerNorm: its mean first, then the squares from shared memory). block_sum's barriers publish sm.h.
-  float mean = 0.f, rstd = 1.f;
-  if (a.in_mode != kInHalf) {
-    const float* h = static_cast<const float*>(a.x);
-    float s = 0.f;
-    for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-      const float v = __ldcg(h + i);
-      sm.h[i] = v;
-      s += a.in_mode == kInLayerNorm ? v : v * v;
-    }
-    if (a.in_mode == kInLayerNorm) {
-      mean = block_sum(s, stats) / a.k_in;
-      s = 0.f;
+  if constexpr (!MULTI) {
+    // The residual stream is read once, into shared memory; the norm's sums come from the same pass
+    // (LayerNorm: its mean first, then the squares from shared memory). block_sum's barriers publish sm.h.
+    float mean = 0.f, rstd = 1.f;
+    if (a.in_mode != kInHalf) {
+      const float* h = static_cast<const float*>(a.x);
+      float s = 0.f;
       for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-        const float d = sm.h[i] - mean;
-        s += d * d;
+        const float v = __ldcg(h + i);
+        sm.h[i] = v;
+        s += a.in_mode == kInLayerNorm ? v : v * v;
       }
+      if (a.in_mode == kInLayerNorm) {
+        mean = block_sum(s, stats) / a.k_in;
+        s = 0.f;
+        for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
+          const float d = sm.h[i] - mean;
+          s += d * d;
+        }
+      }
+      rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
     }
-    rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
-  }
-  copies_wait();
-  __syncthreads();
+    copies_wait();
+    __syncthreads();
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j >= parts) break;
-    if (p[j].c_lo >= p[j].c_hi) continue;
-    gather_input(a, sm, j, a.mat[mi + j].perm16 != nullptr, p[j].k_lo, p[j].k_hi, stride, mean, rstd);
+    for (int j = 0; j < 2; ++j) {
+      if (j >= parts) break;
+      if (p[j].c_lo >= p[j].c_hi) continue;
+      gather_input(a, sm, j, a.mat[mi + j].perm16 != nullptr, p[j].k_lo, p[j].k_hi, stride, mean, rstd);
+    }
+  } else {
+    copies_wait();
   }
   __syncthreads();
   trace_point(a.trace, 3);
 
+  // Each warp's sums into sm.red; thread i < TILE (one token) adds the slices of column i.
   float y[2] = {0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
-    const half* xs = sm.xs + j * stride;
-    float acc[kLaneCols] = {0.f, 0.f, 0.f, 0.f};
+    L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * stride;
+    float acc[2][4] = {};
+    if (L.col < m.n)
 #pragma unroll 2
-    for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES)
-      compute_chunk(m, p[j], chunks[j][i], col0, lane, xs, acc);
-    y[j] = reduce_slices<LANES>(acc, red);
+      for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES) compute_chunk(m, p[j], chunks[j][i], L, acc);
+    const int c = L.sub * 32 + 4 * L.g;
+    if constexpr (MULTI) {
+      float* r = sm.red + slice * kPassTokens * TILE;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        r[(2 * L.t) * TILE + c + 2 * i] = acc[i][0];
+        r[(2 * L.t + 1) * TILE + c + 2 * i] = acc[i][1];
+        r[(2 * L.t) * TILE + c + 2 * i + 1] = acc[i][2];
+        r[(2 * L.t + 1) * TILE + c + 2 * i + 1] = acc[i][3];
+      }
+    } else if (L.t == 0) {  // one token: every n of the mma holds it
+      float* r = sm.red + slice * TILE + c;
+      r[0] = acc[0][0];
+      r[1] = acc[0][2];
+      r[2] = acc[1][0];
+      r[3] = acc[1][2];
+    }
+    __syncthreads();
+    if constexpr (MULTI) {  // thread i: token i / TILE, column i % TILE
+      float s = 0.f;
+#pragma unroll
+      for (int w = 0; w < SLICES; ++w) s += sm.red[w * kPassTokens * TILE + threadIdx.x];
+      const int token = threadIdx.x / TILE, col = tile * TILE + threadIdx.x % TILE;
+      if (token < a.tokens && col < m.n_out)
+        static_cast<half*>(a.out[mi])[(size_t)token * m.n_out + col] =
+            __float2half(s + (m.bias ? __half2float(m.bias[col]) : 0.f));
+      return;
+    } else {
+      if (threadIdx.x < TILE)
+#pragma unroll
+        for (int w = 0; w < SLICES; ++w) y[j] += sm.red[w * TILE + threadIdx.x];
+      __syncthreads();
+    }
   }
   trace_point(a.trace, 4);
 
@@ -506,132 +603,59 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   }
 }
 
+// W [k, n] fp16 in the original row order from one chunk of one 32-column tile (a warp): the same
+// decode as the GEMV, values scaled in fp32 and rounded once.
 template <int B>
-__device__ void dequant_chunk(const Matrix& m, int4 meta, int col0, half* out) {
-  constexpr int W = chunk_words(B), V = chunk_values(B);
-  uint4 raw[W];
-  const uint32_t* base = m.q_weight + (size_t)meta.x * m.n + col0;
+__device__ void dequant_chunk(const Matrix& m, int4 meta, int col, int lane, half* out) {
+  constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
+  const int g = lane / 4, t = lane % 4, col0 = col + 4 * g;
+  uint32_t w[W], a[8 * S];
 #pragma unroll
-  for (int j = 0; j < W; ++j) raw[j] = __ldg(reinterpret_cast<const uint4*>(base + (size_t)j * m.n));
-  float scale[kLaneCols];
-  group_scales(m.q_scale[(size_t)meta.z * (m.n / 8) + col0 / 8], m.q_scale_max[meta.z], col0, scale);
+  for (int j = 0; j < W; ++j) w[j] = __ldg(m.q_weight + (size_t)(meta.x + j) * m.n + col + lane);
+  decode_pairs<B>(w, a);
+  float scale[4];
+  group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int row = meta.y + i;
-    if (row >= m.k) break;
-    half vals[kLaneCols];
+  for (int s = 0; s < S; ++s)
 #pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) vals[c] = __float2half(chunk_value<B>(raw, i, c) * scale[c]);
-    *reinterpret_cast<uint2*>(out + (size_t)m.perm[row] * m.n + col0) = *reinterpret_cast<const uint2*>(vals);
-  }
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = meta.y + 16 * s + 8 * h + 2 * t + e;
+        if (row >= m.k) continue;
+        half vals[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const half2 pair = *reinterpret_cast<const half2*>(&a[8 * s + 2 * c + h]);
+          vals[c] = __float2half(__half2float(e ? __high2half(pair) : __low2half(pair)) * scale[c]);
+        }
+        *reinterpret_cast<uint2*>(out + (size_t)m.perm[row] * m.n + col0) = *reinterpret_cast<const uint2*>(vals);
+      }
 }
 
 __global__ void dequant_kernel(const Matrix m, half* out) {
-  const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * kLaneCols;
-  if (col0 >= m.n) return;
+  const int col = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * 32;
+  if (col >= m.n) return;
   const int4 meta = m.chunks[blockIdx.y];
+  const int lane = threadIdx.x % 32;
   switch (meta.w) {
-    case 2: dequant_chunk<2>(m, meta, col0, out); break;
-    case 3: dequant_chunk<3>(m, meta, col0, out); break;
-    case 4: dequant_chunk<4>(m, meta, col0, out); break;
-    case 5: dequant_chunk<5>(m, meta, col0, out); break;
-    case 6: dequant_chunk<6>(m, meta, col0, out); break;
-    case 8: dequant_chunk<8>(m, meta, col0, out); break;
+    case 2: dequant_chunk<2>(m, meta, col, lane, out); break;
+    case 3: dequant_chunk<3>(m, meta, col, lane, out); break;
+    case 4: dequant_chunk<4>(m, meta, col, lane, out); break;
+    case 5: dequant_chunk<5>(m, meta, col, lane, out); break;
+    case 6: dequant_chunk<6>(m, meta, col, lane, out); break;
+    case 8: dequant_chunk<8>(m, meta, col, lane, out); break;
     default: break;
   }
 }
 
-
-// ---- A few tokens at once (up to kMaxTokens): speculative verification and short prefills. ----
-// The same tiles, chunks and decode as one token, but every decoded weight multiplies the inputs
-// of all T tokens, so the weights are read once for all of them. The inputs come permuted and
-// zero-padded from gather_tokens_kernel (x_perm [tokens, x_stride] in global memory: it is small
-// and L1/L2-resident, and T rows of a long K would not fit shared memory); no fused prologue,
-// epilogue or split: fp16 in, fp16 (+ bias) out.
-__global__ void gather_tokens_kernel(const half* x, int tokens, int k_in, const int* perm, int x_len, int stride,
-                                     half* xp) {
+// The inputs of a multi-token pass in permuted row order, 8 rows of x_len (zero past K and past the
+// pass's tokens): the mma's n is the token, so lane g reads row g.
+__global__ void gather_tokens_kernel(const half* x, int tokens, int k_in, const int* perm, int x_len, half* xp) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
-  if (k >= stride || t >= tokens) return;
-  xp[(size_t)t * stride + k] = k < x_len && k < k_in ? x[(size_t)t * k_in + (perm ? perm[k] : k)] : __float2half(0.f);
-}
-
-template <int T>
-__device__ __forceinline__ void fma_tokens(const float (&w)[kLaneCols], const half* xp, int stride, int row,
-                                           int tokens, float (&acc)[T][kLaneCols]) {
-#pragma unroll
-  for (int t = 0; t < T; ++t) {
-    if (t >= tokens) break;
-    const float x = __half2float(__ldg(xp + (size_t)t * stride + row));
-#pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) acc[t][c] = fmaf(w[c], x, acc[t][c]);
-  }
-}
-
-template <int B, int T>
-__device__ __forceinline__ void exl2_chunk_tokens(int4 meta, const float (&scale)[kLaneCols],
-                                                  const uint4 (&raw)[kMaxWords], const half* xp, int stride,
-                                                  int tokens, float (&acc)[T][kLaneCols]) {
-  constexpr int V = chunk_values(B);
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    float w[kLaneCols];
-#pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) w[c] = chunk_value<B>(raw, i, c) * scale[c];
-    fma_tokens<T>(w, xp, stride, meta.y + i, tokens, acc);
-  }
-}
-
-template <int T>
-__global__ void __launch_bounds__(kThreads) gemv_tokens_kernel(const Matrix m, const half* xp, int stride, int tokens,
-                                                              half* out) {
-  constexpr int LANES = 8, TILE = LANES * kLaneCols, SLICES = kThreads / LANES;
-  __shared__ float red[(kThreads / 32) * (TILE + 1)];
-  const int tile = blockIdx.x, lane = threadIdx.x % LANES, slice = threadIdx.x / LANES;
-  const int col0 = tile * TILE + lane * kLaneCols;
-  float acc[T][kLaneCols];
-#pragma unroll
-  for (int t = 0; t < T; ++t)
-#pragma unroll
-    for (int c = 0; c < kLaneCols; ++c) acc[t][c] = 0.f;
-  if (col0 < m.n) {
-    for (int i = slice; i < m.n_chunks; i += SLICES) {
-      const int4 meta = __ldg(m.chunks + i);
-      if (meta.w == kDenseBits) {
-        const half* base = reinterpret_cast<const half*>(m.q_weight) + (size_t)meta.x * m.n + col0;
-        for (int r = 0; r < meta.z; ++r) {
-          const uint2 raw = __ldg(reinterpret_cast<const uint2*>(base + (size_t)r * m.n));
-          const float2 a = __half22float2(*reinterpret_cast<const half2*>(&raw.x));
-          const float2 b = __half22float2(*reinterpret_cast<const half2*>(&raw.y));
-          const float w[kLaneCols] = {a.x, a.y, b.x, b.y};
-          fma_tokens<T>(w, xp, stride, meta.y + r, tokens, acc);
-        }
-        continue;
-      }
-      uint4 raw[kMaxWords];
-      const int words = chunk_words(meta.w);
-#pragma unroll
-      for (int j = 0; j < kMaxWords; ++j)
-        if (j < words) raw[j] = __ldg(reinterpret_cast<const uint4*>(m.q_weight + (size_t)(meta.x + j) * m.n + col0));
-      float scale[kLaneCols];
-      group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
-      switch (meta.w) {
-        case 2: exl2_chunk_tokens<2, T>(meta, scale, raw, xp, stride, tokens, acc); break;
-        case 3: exl2_chunk_tokens<3, T>(meta, scale, raw, xp, stride, tokens, acc); break;
-        case 4: exl2_chunk_tokens<4, T>(meta, scale, raw, xp, stride, tokens, acc); break;
-        case 5: exl2_chunk_tokens<5, T>(meta, scale, raw, xp, stride, tokens, acc); break;
-        case 6: exl2_chunk_tokens<6, T>(meta, scale, raw, xp, stride, tokens, acc); break;
-        default: exl2_chunk_tokens<8, T>(meta, scale, raw, xp, stride, tokens, acc); break;
-      }
-    }
-  }
-  const int col = tile * TILE + threadIdx.x;
-#pragma unroll
-  for (int t = 0; t < T; ++t) {
-    if (t >= tokens) break;  // uniform across the block: every thread leaves together
-    const float y = reduce_slices<LANES>(acc[t], red);
-    if (threadIdx.x < TILE && col < m.n_out)
-      out[(size_t)t * m.n_out + col] = __float2half(y + (m.bias ? __half2float(m.bias[col]) : 0.f));
-  }
+  if (k >= x_len) return;
+  xp[(size_t)t * x_len + k] =
+      t < tokens && k < k_in ? x[(size_t)t * k_in + (perm ? perm[k] : k)] : __float2half(0.f);
 }
 
 }  // namespace
@@ -647,7 +671,7 @@ int sm_count() {
 }
 
 // Shared memory a block of this build may use beyond its static arrays, for MIN_BLOCKS blocks per SM.
-template <int LANES, int MIN_BLOCKS>
+template <int TW, int MIN_BLOCKS, bool MULTI>
 int dynamic_smem_budget() {
   static int budget = -1;
   if (budget < 0) {
@@ -655,19 +679,19 @@ int dynamic_smem_budget() {
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
     cudaFuncAttributes attr{};
-    cudaFuncGetAttributes(&attr, gemv_kernel<LANES, MIN_BLOCKS>);
+    cudaFuncGetAttributes(&attr, gemv_kernel<TW, MIN_BLOCKS, MULTI>);
     budget = std::max(0, per_sm / MIN_BLOCKS - 1024 - (int)attr.sharedSizeBytes) / 16 * 16;  // 1 KB: reserved per block
     if (budget > 48 * 1024)
-      cudaFuncSetAttribute(gemv_kernel<LANES, MIN_BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
+      cudaFuncSetAttribute(gemv_kernel<TW, MIN_BLOCKS, MULTI>, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
     else
       budget = 48 * 1024 - (int)attr.sharedSizeBytes;
   }
   return budget;
 }
 
-template <int LANES, int MIN_BLOCKS>
+template <int TW, int MIN_BLOCKS, bool MULTI = false>
 void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
-  constexpr int TILE = LANES * kLaneCols;
+  constexpr int TILE = TW * 32;
   const bool gated = a.out_mode == kOutGated;
   const int parts = gated ? 2 : 1;
   int blocks = 0, min_chunks = 1 << 30;
@@ -693,10 +717,10 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   // from global memory (after an L2 prefetch).
   const int resident = MIN_BLOCKS * sm_count();
   int splits = 1;
-  if (a.partials && a.counters && blocks <= a.counters_size) {
+  if (!MULTI && a.partials && a.counters && blocks <= a.counters_size) {
     static const int min_per_split = [] {  // KODKOD_GEMV_SPLIT_CHUNKS: an experiment knob
       const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
-      return e && std::atoi(e) > 0 ? std::atoi(e) : 32;
+      return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
     }();
     const int most = std::max(1, std::min(kMaxSplits, min_chunks / 4));
     splits = std::max(1, std::min({resident / blocks, min_chunks / min_per_split, most}));
@@ -704,53 +728,51 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   }
   for (int i = 0; i < (gated ? 2 : a.n_mats); ++i)  // scale groups per split, with a margin for uneven splits
     args.scale_groups = std::max(args.scale_groups, (a.mat[i].groups * 5 / 4 + splits - 1) / splits + 2);
-  const int room = std::max(0, dynamic_smem_budget<LANES, MIN_BLOCKS>() - (int)smem_bytes(args, TILE));
+  const int room = std::max(0, dynamic_smem_budget<TW, MIN_BLOCKS, MULTI>() - (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(window(splits), room) / (16 * parts) * (16 * parts);
-  args.trace = trace_region(gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
+  args.trace = trace_region(MULTI ? "tokens" : gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
                             blocks * splits);
-  launch(gemv_kernel<LANES, MIN_BLOCKS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE), stream, args);
+  launch(gemv_kernel<TW, MIN_BLOCKS, MULTI>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {
   // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
   const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
-  // Two builds: registers for 2 resident blocks per SM (no spills: better where the grid is small and
-  // latency rules) and for 3 (80 registers: better where many blocks stream weights; measured on an
-  // H100, docs/performance.md). KODKOD_GEMV_BLOCKS=2 or 3 forces one.
+  // Two builds: registers for 2 resident blocks per SM (better where the grid is small and latency
+  // rules) and for 3 (better where many blocks stream weights). KODKOD_GEMV_BLOCKS=2 or 3 forces one.
   static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
   int tiles_total = 0;
   for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) tiles_total += tiles(a.mat[i], 32);
   const bool three = forced ? forced == 3 : tiles_total > 2 * sm_count();
   if (wide)
-    three ? launch_gemv<32, 3>(a, stream) : launch_gemv<32, 2>(a, stream);
+    three ? launch_gemv<4, 3>(a, stream) : launch_gemv<4, 2>(a, stream);
   else
-    three ? launch_gemv<8, 3>(a, stream) : launch_gemv<8, 2>(a, stream);
-}
-
-template <int T>
-void launch_gemv_tokens(const Matrix& m, const half* xp, int stride, int tokens, half* out, cudaStream_t stream) {
-  gemv_tokens_kernel<T><<<(m.n_out + 31) / 32, kThreads, 0, stream>>>(m, xp, stride, tokens, out);
+    three ? launch_gemv<1, 3>(a, stream) : launch_gemv<1, 2>(a, stream);
 }
 
 void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,
                  cudaStream_t stream) {
-  const int stride = (m.x_len + 7) / 8 * 8;
-  gather_tokens_kernel<<<dim3((stride + 255) / 256, tokens), 256, 0, stream>>>(x, tokens, k_in, m.perm, m.x_len,
-                                                                              stride, scratch);
-  if (tokens <= 2)
-    launch_gemv_tokens<2>(m, scratch, stride, tokens, out, stream);
-  else if (tokens <= 4)
-    launch_gemv_tokens<4>(m, scratch, stride, tokens, out, stream);
-  else if (tokens <= 8)
-    launch_gemv_tokens<8>(m, scratch, stride, tokens, out, stream);
-  else
-    launch_gemv_tokens<16>(m, scratch, stride, tokens, out, stream);
+  for (int t0 = 0; t0 < tokens; t0 += kPassTokens) {  // passes of 8: the weights are read once per pass
+    const int n = std::min(kPassTokens, tokens - t0);
+    gather_tokens_kernel<<<dim3((m.x_len + 255) / 256, kPassTokens), 256, 0, stream>>>(
+        x + (size_t)t0 * k_in, n, k_in, m.perm, m.x_len, scratch);
+    GemvArgs a{};
+    a.mat[0] = m;
+    a.n_mats = 1;
+    a.in_mode = kInHalf;
+    a.x = scratch;
+    a.k_in = k_in;
+    a.out_mode = kOutHalf;
+    a.out[0] = out + (size_t)t0 * m.n_out;
+    a.tokens = n;
+    launch_gemv<1, 2, true>(a, stream);
+  }
 }
 
 void dequant(const Matrix& m, half* out, cudaStream_t stream) {
-  const int threads = 128;
-  const dim3 grid((m.n / kLaneCols + threads - 1) / threads, m.n_chunks);
-  dequant_kernel<<<grid, threads, 0, stream>>>(m, out);
+  const int warps = 4;
+  const dim3 grid((m.n / 32 + warps - 1) / warps, m.n_chunks);
+  dequant_kernel<<<grid, warps * 32, 0, stream>>>(m, out);
 }
 
 }  // namespace kodkod

@@ -16,7 +16,7 @@ constexpr int kDenseBits = 16;   // a chunk-table "bit width" that marks dense f
 // The chunk table cuts the rows into units that decode on their own:
 // (first packed row, first value row k0, group or dense row count, bits).
 struct Matrix {
-  const uint32_t* q_weight;  // EXL2 [QR, n] words, dense [K, n] halfs read as words
+  const uint32_t* q_weight;  // EXL2 [R, n] kernel-layout words, dense [K, n] halfs read as words
   const uint32_t* q_scale;   // [G, n/8] 4-bit scale codes (EXL2 only)
   const half* q_scale_max;   // [G]
   const int4* chunks;        // [n_chunks]
@@ -28,7 +28,7 @@ struct Matrix {
   int n_chunks;
   int rows;                  // packed rows of q_weight (dense: K)
   int groups;                // scale groups (EXL2; 0 for dense)
-  int x_len;                 // rows of x the chunks read (K rounded up to whole chunks)
+  int x_len;                 // rows of x the chunks read (K rounded up to whole chunks: a multiple of 16)
   int k;                     // rows that exist (K)
 };
 
@@ -57,13 +57,14 @@ struct GemvArgs {
   int window;                 // set by the launcher: bytes of weight rows a block stages in shared memory
   int scale_groups;           // set by the launcher: scale groups a block stages per part, at most
   unsigned long long* trace;  // trace.cuh (set by the launcher)
+  int tokens;                 // set by gemv_tokens: tokens of a multi-token pass
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
 
 // The same product for a few tokens at once (1 to kMaxTokens): x [tokens, k_in] fp16 in, out
-// [tokens, n_out] fp16 (+ bias); scratch holds tokens x (x_len rounded up to 8) halfs (the inputs,
-// permuted). Weights are read once for all the tokens.
+// [tokens, n_out] fp16 (+ bias); scratch holds 8 x x_len halfs (the inputs of a pass, permuted).
+// Weights are read once per pass of 8 tokens.
 constexpr int kMaxTokens = 16;
 void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch, cudaStream_t stream);
 

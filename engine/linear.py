@@ -12,10 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import exl2
-
-DENSE_BITS = 16  # the chunk table's bit width for dense fp16 rows (csrc: kDenseBits)
-DENSE_CHUNK_ROWS = 8
+from . import exl2, kernel_layout
 
 
 class Linear(nn.Module):
@@ -45,16 +42,17 @@ class Linear(nn.Module):
         wt = torch.zeros(in_f, n, dtype=torch.float16, device=self.weight.device)
         wt[:, :out_f] = self.weight.detach().t()
         self.weight = nn.Parameter(wt[:, :out_f].t(), requires_grad=False)
-        rows = torch.arange(0, in_f, DENSE_CHUNK_ROWS, dtype=torch.int32)
-        chunks = torch.stack([rows, rows, (in_f - rows).clamp(max=DENSE_CHUNK_ROWS),
-                              torch.full_like(rows, DENSE_BITS)], 1).to(self.weight.device)
-        self.kernel_matrix = ext.make_matrix(wt, None, None, chunks, None, _half(self.bias), out_f, in_f)
+        chunks, x_len = kernel_layout.dense_chunks(in_f, self.weight.device)
+        self.kernel_matrix = ext.make_matrix(wt, None, None, chunks, None, _half(self.bias), out_f, x_len)
 
 
 class EXL2Linear(nn.Module):
-    """An EXL2 layer in its packed form: q_weight [QR, N], perm [K], q_scale, q_scale_max, chunks.
+    """An EXL2 layer in its packed form: q_weight [QR, N], perm [K], q_scale, q_scale_max.
 
-    `forward` is the torch twin: dequantize (cached on the torch path) and matmul.
+    `forward` is the torch twin: dequantize (cached on the torch path) and matmul. For the
+    kernels, q_weight is rearranged once into their layout (engine/kernel_layout.py) and the
+    format's word order is not kept (it would double the memory); from then on the layer
+    dequantizes with the kernel.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int,
@@ -73,14 +71,13 @@ class EXL2Linear(nn.Module):
         if not torch.equal(torch.sort(invperm).values, torch.arange(in_features, device=invperm.device)):
             raise exl2.EXL2FormatError("q_invperm is not a permutation")
         perm = torch.argsort(invperm)
-        chunks, self.x_len = chunk_table(self.groups)
+        self.x_len = kernel_layout.covered_rows(kernel_layout.chunk_table(self.groups))  # checks group sizes
         self.register_buffer("q_weight", q_weight.contiguous())
         self.register_buffer("q_scale", tensors["q_scale"].contiguous())
         self.register_buffer("q_scale_max", tensors["q_scale_max"].to(torch.float16).contiguous())
         self.register_buffer("q_invperm", invperm.to(torch.int32))
         self.register_buffer("q_groups", tensors["q_groups"].to(torch.int16))
         self.register_buffer("perm", perm.to(torch.int32))
-        self.register_buffer("chunks", chunks.to(q_weight.device))
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
         self.out_features, self.in_features = out_features, in_features
         self.dtype = dtype
@@ -89,11 +86,18 @@ class EXL2Linear(nn.Module):
         self._ext = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        if self.kernel_matrix is not None:
+            raise RuntimeError("this layer holds the kernels' layout, no longer the EXL2 words")
         return {s: getattr(self, s) for s in exl2.SUFFIXES}
 
     def dequantized(self, block: int = 8192) -> torch.Tensor:
         """The HF weight [out, in] in fp32 (the reference dequantization), `block` columns at a time so
         that a vocabulary-sized head never holds its integer temporaries all at once."""
+        if self.kernel_matrix is not None:
+            k, n = self.in_features, self.q_weight.shape[1]
+            w = torch.empty(k, n, dtype=torch.float16, device=self.q_weight.device)
+            self._ext.dequant(self.kernel_matrix, w)
+            return w[:, :self.out_features].T.float()
         t = self.tensors()
         n = t["q_weight"].shape[1]
         if n <= block:
@@ -124,6 +128,9 @@ class EXL2Linear(nn.Module):
         """Use the kernels: a one-token input runs the GEMV, longer ones dequantize into scratch + matmul."""
         self._ext, self._scratch = ext, scratch
         self._dense = None
+        if self.kernel_matrix is None:
+            self.q_weight, chunks, _ = kernel_layout.repack(self.q_weight, self.groups)
+            self.register_buffer("chunks", chunks)
         self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
                                              self.perm, _half(self.bias), self.out_features, self.x_len)
 
@@ -156,29 +163,6 @@ class DequantScratch:
         if self.buf is None or self.buf.numel() < numel:
             return torch.empty(numel, dtype=torch.float16, device=device)
         return self.buf[:numel]
-
-
-def chunk_table(groups: list[exl2.Group]) -> tuple[torch.Tensor, int]:
-    """Rows of (first packed row, first value row, group, bits), one per decodable chunk; and x_len.
-
-    A chunk is the smallest run of words in which a bit width's stream repeats
-    (exl2._chunk): it decodes on its own. x_len counts the value rows the chunks
-    cover: K, or more when the last group ends inside a chunk.
-    """
-    parts = []
-    word = value = 0
-    for gi, g in enumerate(groups):
-        words, values = exl2._chunk(g.bits)
-        n_words = -(-g.rows * g.bits // 32)
-        if n_words % words:
-            raise exl2.EXL2FormatError(f"group {gi}: {n_words} packed rows do not fill whole {words}-word units")
-        c = torch.arange(n_words // words, dtype=torch.int32)
-        parts.append(torch.stack([word + c * words, value + c * values, torch.full_like(c, gi),
-                                  torch.full_like(c, g.bits)], 1))
-        word += n_words
-        x_end = value + len(c) * values
-        value += g.rows
-    return torch.cat(parts), x_end
 
 
 def _half(t: torch.Tensor | None) -> torch.Tensor | None:

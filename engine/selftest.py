@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from . import kernels
+from . import exl2, kernels
 from .convert.quant import Mix, make_groups, rtn
 from .linear import DequantScratch, EXL2Linear
 from .rope import Rope, apply_rope
@@ -27,11 +27,12 @@ def _gemv(ext, seed: int) -> float:
         t = {k: v.cuda() for k, v in rtn(w, make_groups(Mix(((1.0, bits),), 32), in_f),
                                          torch.rand(in_f, generator=g, device="cuda")).tensors().items()}
         lin = EXL2Linear(t, out_f, in_f, None, torch.float16)
+        w_ref = exl2.dequantize(t, out_f)  # the format's own dequantization, before the layer repacks
         lin.prepare_kernels(ext, DequantScratch())
         x = torch.randn(in_f, generator=g, device="cuda").half()
         y = torch.full((out_f,), float("nan"), device="cuda")
         ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y])
-        worst = max(worst, _rel(y, x.double() @ lin.dequantized().double().T))
+        worst = max(worst, _rel(y, x.double() @ w_ref.double().T))
     return worst
 
 

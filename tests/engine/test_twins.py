@@ -6,7 +6,8 @@ import torch
 
 from engine import GenerationParams, exl2, load_model
 from engine.convert.quant import Mix, make_groups, rtn
-from engine.linear import EXL2Linear, chunk_table
+from engine import kernel_layout
+from engine.linear import EXL2Linear
 from engine.sampling import Sampler, apply_repetition_penalty, draw, filter_logits, filter_threshold, gumbel_noise
 from tests.conftest import fixture_dir
 
@@ -20,19 +21,25 @@ def layer(out_f, in_f, mix, seed):
     return rtn(w, make_groups(mix, in_f), torch.rand(in_f, generator=g)).tensors()
 
 
-@pytest.mark.parametrize("mix", MIXES)
-def test_chunk_table_covers_every_packed_and_value_row_once(mix):
-    t = layer(64, 352, mix, 1)
-    groups = exl2.parse_groups(t["q_groups"], t["q_weight"].shape[0], 352)
-    chunks, x_len = chunk_table(groups)
-    words_seen, values_seen = [], []
-    for word, value, g, bits in chunks.tolist():
-        words, values = exl2._chunk(bits)
-        assert groups[g].bits == bits
-        words_seen += range(word, word + words)
-        values_seen += range(value, value + values)
-    assert words_seen == list(range(t["q_weight"].shape[0]))
-    assert values_seen[:352] == list(range(352)) and len(values_seen) == x_len
+@pytest.mark.parametrize("mix, k", [(m, 352) for m in MIXES] + [(Mix(((1.0, b),), 32), 100) for b in (2, 4, 8)])
+def test_kernel_layout_holds_every_value_once(mix, k):
+    """The GEMV's layout: the chunks tile the rows in order and give back exactly the format's codes."""
+    t = layer(64, k, mix, 1)
+    groups = exl2.parse_groups(t["q_groups"], t["q_weight"].shape[0], k)
+    words, chunks, x_len = kernel_layout.repack(t["q_weight"], groups, block=32)  # several column blocks
+    rows, values = 0, 0
+    for row, value, g, bits in chunks.tolist():
+        assert (row, value, groups[g].bits) == (rows, values, bits)
+        rows += kernel_layout.chunk_words(bits)
+        values += kernel_layout.chunk_values(bits)
+    assert rows == words.shape[0] and values == x_len >= k
+    assert torch.equal(kernel_layout.unpack(words, chunks, k), exl2.unpack(t["q_weight"], groups).long())
+
+
+def test_kernel_layout_refuses_groups_that_split_a_chunk():
+    groups = [exl2.Group(4, 48), exl2.Group(4, 16)]  # 48 rows: not a whole 32-row chunk
+    with pytest.raises(exl2.EXL2FormatError, match="group 0"):
+        kernel_layout.chunk_table(groups)
 
 
 @pytest.mark.parametrize("mix", MIXES)
