@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
 
 namespace kodkod {
 namespace {
@@ -64,22 +65,29 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   __shared__ float2 part[kThreads * 4];  // [groups][d] partial weighted values (kThreads * 8 floats)
   __shared__ bool last;
 
-  const int h = blockIdx.x, split = blockIdx.y, d = a.d;
+  extern __shared__ __align__(16) half kv[];  // staged cache rows: keys [per][d + 8], then values
+
+  const int h = blockIdx.x, split = blockIdx.y, d = a.d, row = d + 8;  // 16 bytes of padding: no bank conflicts
   const int kvh = h / (a.heads / a.kv_heads);
   trace_point(a.trace, 0);
   const int pos = *a.pos;  // written by the previous step's sampler, not by the kernel before this one
-  {  // this thread's cached key and value rows: into L2 while the QKV kernel may still run
-    const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-    const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
-    const int t = lo + split * per + threadIdx.x;
-    if (threadIdx.x < per && t < pos) {
-      const size_t at = ((size_t)t * a.kv_heads + kvh) * d;
-      for (int i = 0; i < d; i += 64) {
-        prefetch_l2(a.k_cache + at + i);
-        prefetch_l2(a.v_cache + at + i);
-      }
+  const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
+  // At least kMinChunk positions per split: fewer partial results to merge on short contexts.
+  const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
+  const int t0 = lo + split * per, t1 = min(pos + 1, t0 + per);
+  half* ks = kv;
+  half* vs = kv + (size_t)per * row;
+  // This split's cached key and value rows (all but the new position's) do not depend on the QKV
+  // kernel: copied into shared memory while it may still run.
+  if (a.stage)
+    for (int i = threadIdx.x; i < (t1 - t0) * (d / 8); i += blockDim.x) {
+      const int t = t0 + i / (d / 8), c = 8 * (i % (d / 8));
+      if (t >= pos) break;
+      const size_t at = ((size_t)t * a.kv_heads + kvh) * d + c;
+      copy16(ks + (t - t0) * row + c, a.k_cache + at);
+      copy16(vs + (t - t0) * row + c, a.v_cache + at);
     }
-  }
+  copies_commit();
   trace_point(a.trace, 1);
   pdl_wait();
   pdl_trigger();
@@ -92,6 +100,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     kn[i] = __half2float(ksrc[i]);
     vn[i] = __half2float(vsrc[i]);
   }
+  copies_wait();
   __syncthreads();
   if (a.q_norm) {
     head_norm(q, a.q_norm, d, a.norm_eps, red);
@@ -110,11 +119,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
   }
 
   trace_point(a.trace, 3);
-  const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
-  // At least kMinChunk positions per split: fewer partial results to merge on short contexts.
-  const int per = max(kMinChunk, (pos - lo + 1 + a.splits - 1) / a.splits);
   const int active = (pos - lo + 1 + per - 1) / per;
-  const int t0 = lo + split * per, t1 = min(pos + 1, t0 + per);
   float* out_part = a.scratch + ((size_t)h * a.splits + split) * (d + 2);
   if (t0 >= t1) {
     if (threadIdx.x == 0) {
@@ -128,7 +133,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
         for (int i = 0; i < d; ++i) dot = fmaf(q[i], kn[i], dot);
       } else {  // four partial sums: short dependency chains
         float part4[4] = {0.f, 0.f, 0.f, 0.f};
-        const uint4* kr = reinterpret_cast<const uint4*>(a.k_cache + ((size_t)t * a.kv_heads + kvh) * d);
+        const uint4* kr = reinterpret_cast<const uint4*>(
+            a.stage ? ks + (t - t0) * row : a.k_cache + ((size_t)t * a.kv_heads + kvh) * d);
 #pragma unroll 4
         for (int i = 0; i < d / 8; ++i) {
           const uint4 raw = kr[i];
@@ -162,6 +168,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (group < groups) {
       const uint4* vc = reinterpret_cast<const uint4*>(a.v_cache + (size_t)kvh * d) + lane;
+      const uint4* vsm = reinterpret_cast<const uint4*>(vs - (size_t)t0 * row) + lane;  // row t at vsm[t * row / 8]
 #pragma unroll 4
       for (int t = t0 + group; t < t1; t += groups) {
         const float w = p[t - t0];
@@ -169,7 +176,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(const AttentionArgs
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[e] = fmaf(w, vn[8 * lane + e], acc[e]);
         } else {
-          const uint4 raw = vc[(size_t)t * a.kv_heads * octets];
+          const uint4 raw = a.stage ? vsm[(size_t)t * (row / 8)] : vc[(size_t)t * a.kv_heads * octets];
           const half2* h2 = reinterpret_cast<const half2*>(&raw);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -238,7 +245,17 @@ void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
   const dim3 grid(a.heads, a.splits);
   AttentionArgs args = a;
   args.trace = trace_region("attention", a.heads * a.splits);
-  launch(attention_kernel, grid, dim3(kThreads), 0, stream, args);
+  // Staged rows: a split holds at most kMaxChunk positions (attention_splits) of keys and values.
+  static const bool stage = [] { const char* e = std::getenv("KODKOD_ATTN_STAGE"); return !(e && e[0] == '0'); }();
+  const int per = std::max(kMinChunk, (a.max_len + a.splits - 1) / a.splits);
+  const size_t smem = stage ? 2 * sizeof(half) * per * (a.d + 8) : 0;
+  static size_t allowed = 48 * 1024;
+  if (smem > allowed) {
+    cudaFuncSetAttribute(attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    allowed = smem;
+  }
+  args.stage = stage;
+  launch(attention_kernel, grid, dim3(kThreads), smem, stream, args);
 }
 
 }  // namespace kodkod

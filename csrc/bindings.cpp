@@ -79,7 +79,7 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
 void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mode,
           c10::optional<torch::Tensor> norm_w, c10::optional<torch::Tensor> norm_b, double eps, int64_t out_mode,
           int64_t act, const std::vector<torch::Tensor>& outs, c10::optional<torch::Tensor> partials,
-          c10::optional<torch::Tensor> counters) {
+          c10::optional<torch::Tensor> counters, c10::optional<torch::Tensor> out_index) {
   TORCH_CHECK(!mats.empty() && mats.size() <= kodkod::kMaxMatrices, "1 to 3 matrices per launch");
   TORCH_CHECK(out_mode != kodkod::kOutGated || mats.size() == 2, "a gated launch takes gate and up");
   const bool gated = out_mode == kodkod::kOutGated;
@@ -114,6 +114,14 @@ void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mod
     a.partials_size = static_cast<int>(std::min<int64_t>(partials->numel(), INT32_MAX));
     a.counters = ptr<int>(*counters);
     a.counters_size = static_cast<int>(std::min<int64_t>(counters->numel(), INT32_MAX));
+  }
+  if (out_index.has_value()) {
+    check(*out_index, torch::kInt32, "out_index");
+    TORCH_CHECK(mats.size() == 1 || gated, "out_index: one output");
+    TORCH_CHECK(out_mode == kodkod::kOutHalf || out_mode == kodkod::kOutAct || gated, "out_index: fp16 outputs only");
+    TORCH_CHECK(out_index->numel() >= mats[0].m.n_out, "out_index shorter than the output");
+    TORCH_CHECK(outs[0].numel() >= out_index->numel(), "output shorter than out_index's range");
+    a.out_index = ptr<const int>(*out_index);
   }
   kodkod::gemv(a, stream());
   check_launch();
@@ -250,7 +258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, pybind11::arg("mats"), pybind11::arg("x"), pybind11::arg("in_mode"),
         pybind11::arg("norm_w"), pybind11::arg("norm_b"), pybind11::arg("eps"), pybind11::arg("out_mode"),
         pybind11::arg("act"), pybind11::arg("outs"), pybind11::arg("partials") = pybind11::none(),
-        pybind11::arg("counters") = pybind11::none());
+        pybind11::arg("counters") = pybind11::none(), pybind11::arg("out_index") = pybind11::none());
   m.def("dequant", &dequant);
   m.def("gemv_tokens", &gemv_tokens);
   m.def("decode_attention", &decode_attention);

@@ -153,36 +153,6 @@ __device__ __forceinline__ void group_scales(uint32_t word, half max, int col0, 
 __device__ __forceinline__ int chunk_rows(int4 meta) { return chunk_values(meta.w); }
 __device__ __forceinline__ int chunk_packed_rows(int4 meta) { return meta.w == kDenseBits ? meta.z : chunk_words(meta.w); }
 
-// Asynchronous copies to shared memory (sm_80+: cp.async, no registers held until the wait);
-// older GPUs copy through registers.
-__device__ __forceinline__ void copy16(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
-#else
-  *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
-#endif
-}
-
-__device__ __forceinline__ void copy8(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src));
-#else
-  *reinterpret_cast<uint2*>(dst) = __ldg(reinterpret_cast<const uint2*>(src));
-#endif
-}
-
-__device__ __forceinline__ void copies_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void copies_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 // One matrix of a block: its chunk range, and its packed rows [r_lo, r_hi) staged in shared
 // memory at w (rows from r_hi on are read from global memory).
 struct Part {
@@ -319,10 +289,12 @@ __host__ __device__ inline int part_stride(const GemvArgs& a) {
 
 __host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, bool multi, Smem* layout = nullptr,
                                              char* base = nullptr) {
-  const int parts = a.out_mode == kOutGated ? 2 : 1, stride = multi ? 0 : part_stride(a);
+  const int parts = a.out_mode == kOutGated ? 2 : 1, span = multi ? 0 : a.x_span;
+  bool permuted = false;
+  for (int i = 0; i < a.n_mats; ++i) permuted |= a.mat[i].perm16 != nullptr;
   const int k_pad = a.in_mode == kInHalf ? 0 : (a.k_in + 7) / 8 * 8;
   const int slices = kWarps / (tile_cols / 32);
-  const size_t xs = 0, perm = xs + sizeof(half) * parts * stride, h = perm + sizeof(uint16_t) * parts * stride,
+  const size_t xs = 0, perm = xs + sizeof(half) * parts * span, h = perm + sizeof(uint16_t) * parts * (permuted ? span : 0),
                nw = h + sizeof(float) * k_pad, nb = nw + sizeof(half) * k_pad,
                codes = (nb + (a.in_mode == kInLayerNorm ? sizeof(half) * k_pad : 0) + 15) / 16 * 16,
                smax = codes + sizeof(uint32_t) * parts * a.scale_groups * (tile_cols / 8),
@@ -336,16 +308,17 @@ __host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, b
   return w + a.window;
 }
 
-// Input rows [k_lo, k_hi) of one part into xs, through the staged permutation: fp16 input from
-// global memory, or the normalized residual stream from shared memory.
-__device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool permuted, int k_lo, int k_hi, int stride,
+// Input rows [k_lo, k_hi) of one part into xs[0, k_hi - k_lo), through the staged permutation rows
+// (perm[0, ...) likewise): fp16 input from global memory, or the normalized residual stream from
+// shared memory.
+__device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool permuted, int k_lo, int k_hi,
                              float mean, float rstd) {
-  half* xs = sm.xs + j * stride;
-  const uint16_t* perm = sm.perm + j * stride;
+  half* xs = sm.xs + j * a.x_span;
+  const uint16_t* perm = sm.perm + j * a.x_span;
   for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
     float v = 0.f;
     if (k < a.k_in) {
-      const int src = permuted ? perm[k] : k;
+      const int src = permuted ? perm[k - k_lo] : k;
       if (a.in_mode == kInHalf)
         v = __half2float(static_cast<const half*>(a.x)[src]);
       else if (a.in_mode == kInRmsNorm)
@@ -353,7 +326,7 @@ __device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool perm
       else
         v = (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
     }
-    xs[k] = __float2half(v);
+    xs[k - k_lo] = __float2half(v);
   }
 }
 
@@ -383,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   trace_point(a.trace, 0);
   Smem sm;
   smem_bytes(a, TILE, MULTI, &sm, smem);
-  const int stride = MULTI ? a.mat[0].x_len : part_stride(a);
+  const int stride = a.mat[0].x_len;  // MULTI: the rows of the inputs in global memory
   Lane L;
   L.sub = warp % TW;
   L.col = tile * TILE + L.sub * 32;
@@ -435,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     offset += p[j].c_hi - p[j].c_lo;
     if (m.perm16 && !MULTI)  // 4 rows per copy; chunk boundaries are multiples of 4 rows, the table is padded to 8
       for (int k = p[j].k_lo + 4 * (int)threadIdx.x; k < min(p[j].k_hi, m.k); k += 4 * blockDim.x)
-        copy8(sm.perm + j * stride + k, m.perm16 + k);
+        copy8(sm.perm + j * a.x_span + (k - p[j].k_lo), m.perm16 + k);
     const int pieces = p[j].row_bytes / 16, elem = m.q_scale ? 4 : 2;
     const char* src = reinterpret_cast<const char*>(m.q_weight) + (size_t)tile * TILE * elem;
     for (int i = threadIdx.x; i < (p[j].r_hi - p[j].r_lo) * pieces; i += blockDim.x) {
@@ -501,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     for (int j = 0; j < 2; ++j) {
       if (j >= parts) break;
       if (p[j].c_lo >= p[j].c_hi) continue;
-      gather_input(a, sm, j, a.mat[mi + j].perm16 != nullptr, p[j].k_lo, p[j].k_hi, stride, mean, rstd);
+      gather_input(a, sm, j, a.mat[mi + j].perm16 != nullptr, p[j].k_lo, p[j].k_hi, mean, rstd);
     }
   } else {
     copies_wait();
@@ -515,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
-    L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * stride;
+    L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * a.x_span - p[j].k_lo;
     float acc[2][4] = {};
     if (L.col < m.n)
 #pragma unroll 2
@@ -589,15 +562,16 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   const int col = tile * TILE + threadIdx.x;
   if (col >= m.n_out) return;
   const float b0 = m.bias ? __half2float(m.bias[col]) : 0.f;
+  const int at = a.out_index ? a.out_index[col] : col;  // fp16 outputs only
   switch (a.out_mode) {
-    case kOutHalf: static_cast<half*>(a.out[mi])[col] = __float2half(y[0] + b0); break;
+    case kOutHalf: static_cast<half*>(a.out[mi])[at] = __float2half(y[0] + b0); break;
     case kOutFloat: static_cast<float*>(a.out[mi])[col] = y[0] + b0; break;
     case kOutResidual: static_cast<float*>(a.out[mi])[col] += y[0] + b0; break;
-    case kOutAct: static_cast<half*>(a.out[mi])[col] = __float2half(activate(round_half(y[0] + b0), a.act)); break;
+    case kOutAct: static_cast<half*>(a.out[mi])[at] = __float2half(activate(round_half(y[0] + b0), a.act)); break;
     case kOutGated: {
       const float b1 = a.mat[1].bias ? __half2float(a.mat[1].bias[col]) : 0.f;
       const float g = round_half(activate(round_half(y[0] + b0), a.act));
-      static_cast<half*>(a.out[0])[col] = __float2half(g * round_half(y[1] + b1));
+      static_cast<half*>(a.out[0])[at] = __float2half(g * round_half(y[1] + b1));
       break;
     }
   }
@@ -689,47 +663,63 @@ int dynamic_smem_budget() {
   return budget;
 }
 
+// Splits of K and resident blocks per SM (2 or 3: the two register budgets) for a launch of `tiles`
+// 32-column tiles whose smallest matrix has `min_chunks` chunks. Alike blocks finish together, so
+// a launch lasts about as long as its busiest SM: (its blocks) x (the share of a tile each does).
+// Among the grids that fit one wave of resident blocks, with at least 8 chunks per split
+// (KODKOD_GEMV_SPLIT_CHUNKS), take the one with the smallest such time; fewer splits and 2 blocks
+// per SM on ties. A launch larger than one wave (7B's MLP) runs unsplit with 3 blocks per SM.
+struct Plan {
+  int min_blocks, splits;
+};
+
+Plan plan_gemv(int tiles, int min_chunks, bool can_split) {
+  static const int min_per_split = [] {
+    const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
+    return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
+  }();
+  static const bool balance = [] { const char* e = std::getenv("KODKOD_GEMV_BALANCE"); return !(e && e[0] == '0'); }();
+  const int sms = sm_count(), most = std::max(1, std::min({kMaxSplits, min_chunks / 4, min_chunks / min_per_split}));
+  if (!balance || !can_split) {  // the rule before: fill one wave of 2 (or, for many tiles, 3) blocks per SM
+    const int mb = tiles > 2 * sms ? 3 : 2;
+    return {mb, can_split ? std::max(1, std::min(mb * sms / tiles, most)) : 1};
+  }
+  Plan best{tiles > 2 * sms ? 3 : 2, 1};
+  double cost = 1e30;
+  for (int mb = 2; mb <= 3; ++mb)
+    for (int s = 1; s <= most && tiles * s <= mb * sms; ++s) {
+      const double c = double((tiles * s + sms - 1) / sms) / s;
+      if (c < cost * 0.98) cost = c, best = {mb, s};
+    }
+  return best;
+}
+
 template <int TW, int MIN_BLOCKS, bool MULTI = false>
-void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
+void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   constexpr int TILE = TW * 32;
   const bool gated = a.out_mode == kOutGated;
   const int parts = gated ? 2 : 1;
-  int blocks = 0, min_chunks = 1 << 30;
+  int blocks = 0, most_chunks = 0;
   for (int i = 0; i < a.n_mats; ++i) {
     if (!gated || i == 0) blocks += tiles(a.mat[i], TILE);
-    min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
+    most_chunks = std::max(most_chunks, a.mat[i].n_chunks);
   }
+  while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   GemvArgs args = a;
-  args.window = 0;
+  // Shared memory: the input rows of one split (its chunks hold at most 32 each), scale groups per
+  // split with a margin for uneven splits; the rest is the weight window, which holds a block's rows
+  // where it can (each part's share of its packed rows, a margin for chunk boundaries and uneven bit
+  // widths; rows beyond it are read from global memory after an L2 prefetch).
+  args.x_span = std::min(part_stride(a), ((most_chunks + splits - 1) / splits + 1) * 32);
   args.scale_groups = 0;
-  // Staged bytes per block for `splits` splits: each part's share of its packed rows (a margin for
-  // chunk boundaries and uneven bit widths), the same window for every part.
-  auto window = [&](int splits) {
-    int w = 0;
-    for (int i = 0; i < (gated ? 2 : a.n_mats); ++i) {
-      const int row_bytes = TILE * (a.mat[i].q_scale ? 4 : 2);
-      w = std::max(w, ((a.mat[i].rows * 5 / 4 + splits - 1) / splits + 8) * row_bytes);
-    }
-    return w * parts;
-  };
-  // Split K while the grid fits in one wave of resident blocks and each split keeps enough chunks.
-  // The window holds a block's weight rows where shared memory allows; rows beyond it are read
-  // from global memory (after an L2 prefetch).
-  const int resident = MIN_BLOCKS * sm_count();
-  int splits = 1;
-  if (!MULTI && a.partials && a.counters && blocks <= a.counters_size) {
-    static const int min_per_split = [] {  // KODKOD_GEMV_SPLIT_CHUNKS: an experiment knob
-      const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
-      return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
-    }();
-    const int most = std::max(1, std::min(kMaxSplits, min_chunks / 4));
-    splits = std::max(1, std::min({resident / blocks, min_chunks / min_per_split, most}));
-    while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
-  }
-  for (int i = 0; i < (gated ? 2 : a.n_mats); ++i)  // scale groups per split, with a margin for uneven splits
+  int rows = 0;
+  for (int i = 0; i < (gated ? 2 : a.n_mats); ++i) {
     args.scale_groups = std::max(args.scale_groups, (a.mat[i].groups * 5 / 4 + splits - 1) / splits + 2);
+    rows = std::max(rows, ((a.mat[i].rows * 5 / 4 + splits - 1) / splits + 8) * TILE * (a.mat[i].q_scale ? 4 : 2));
+  }
+  args.window = 0;
   const int room = std::max(0, dynamic_smem_budget<TW, MIN_BLOCKS, MULTI>() - (int)smem_bytes(args, TILE, MULTI));
-  args.window = std::min(window(splits), room) / (16 * parts) * (16 * parts);
+  args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
   args.trace = trace_region(MULTI ? "tokens" : gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
                             blocks * splits);
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
@@ -738,16 +728,17 @@ void launch_gemv(const GemvArgs& a, cudaStream_t stream) {
 void gemv(const GemvArgs& a, cudaStream_t stream) {
   // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
   const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
-  // Two builds: registers for 2 resident blocks per SM (better where the grid is small and latency
-  // rules) and for 3 (better where many blocks stream weights). KODKOD_GEMV_BLOCKS=2 or 3 forces one.
+  int tiles_total = 0, min_chunks = 1 << 30;
+  for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) tiles_total += tiles(a.mat[i], wide ? 128 : 32);
+  for (int i = 0; i < a.n_mats; ++i) min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
+  const bool can_split = a.partials && a.counters && tiles_total <= a.counters_size;
+  Plan plan = plan_gemv(tiles_total, min_chunks, can_split);
   static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
-  int tiles_total = 0;
-  for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) tiles_total += tiles(a.mat[i], 32);
-  const bool three = forced ? forced == 3 : tiles_total > 2 * sm_count();
+  if (forced == 2 || forced == 3) plan.min_blocks = forced;  // an experiment knob
   if (wide)
-    three ? launch_gemv<4, 3>(a, stream) : launch_gemv<4, 2>(a, stream);
+    plan.min_blocks == 3 ? launch_gemv<4, 3>(a, plan.splits, stream) : launch_gemv<4, 2>(a, plan.splits, stream);
   else
-    three ? launch_gemv<1, 3>(a, stream) : launch_gemv<1, 2>(a, stream);
+    plan.min_blocks == 3 ? launch_gemv<1, 3>(a, plan.splits, stream) : launch_gemv<1, 2>(a, plan.splits, stream);
 }
 
 void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,
@@ -765,7 +756,7 @@ void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out
     a.out_mode = kOutHalf;
     a.out[0] = out + (size_t)t0 * m.n_out;
     a.tokens = n;
-    launch_gemv<1, 2, true>(a, stream);
+    launch_gemv<1, 2, true>(a, 1, stream);
   }
 }
 

@@ -48,6 +48,9 @@ struct GemvArgs {
   int out_mode;         // OutputMode
   int act;              // Activation, for kOutGated / kOutAct
   void* out[kMaxMatrices];  // half [n_out] per matrix; float [n_out] for residual (+=) and float modes
+  // fp16 stores put column c at out_index[c]: the permuted order of the next GEMV's input, which
+  // then reads it without a gather. nullptr: column c at c.
+  const int* out_index;
   // Split-K workspace: blocks that share a column tile leave partial sums here and the last one
   // to finish adds them up in a fixed order. nullptr: no split (each block sums all rows).
   float* partials;
@@ -58,6 +61,7 @@ struct GemvArgs {
   int scale_groups;           // set by the launcher: scale groups a block stages per part, at most
   unsigned long long* trace;  // trace.cuh (set by the launcher)
   int tokens;                 // set by gemv_tokens: tokens of a multi-token pass
+  int x_span;                 // set by the launcher: input rows of one split, at most (a multiple of 8)
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
@@ -86,6 +90,7 @@ struct AttentionArgs {
   float* scratch;         // [heads, splits, d + 2] partial results
   int* counters;          // [heads] zeroed once; each launch leaves them zero again
   int heads, kv_heads, d, rot_dim, max_len, window, splits;
+  bool stage;             // set by the launcher: cached rows through shared memory
   float scale;
   unsigned long long* trace;  // trace.cuh (set by the launcher)
 };

@@ -12,6 +12,7 @@ with filters) on first use.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -218,9 +219,12 @@ class FastDecoder(Decoder):
             return kernels.IN_LAYER_NORM, norm.weight, norm.bias, norm.eps
         return kernels.IN_RMS_NORM, norm.weight, None, norm.eps
 
-    def _gemv(self, mats, x, mode, w, b, eps, out_mode, act, outs):
-        self.ext.gemv([lin.kernel_matrix for lin in mats], x, mode, w, b, eps, out_mode, act, outs,
-                      self.partials, self.tile_counters)
+    def _gemv(self, mats, x, mode, w, b, eps, out_mode, act, outs, out_index=None, direct=False):
+        """direct: x already stands in the layers' permuted input order (written with out_index)."""
+        if os.environ.get("KODKOD_OUT_INDEX") == "0":  # an experiment knob: gather through perm instead
+            out_index, direct = None, False
+        handles = [lin.kernel_matrix_direct if direct else lin.kernel_matrix for lin in mats]
+        self.ext.gemv(handles, x, mode, w, b, eps, out_mode, act, outs, self.partials, self.tile_counters, out_index)
 
     def _step(self) -> None:
         ext, m, cfg = self.ext, self.model, self.model.config
@@ -239,13 +243,14 @@ class FastDecoder(Decoder):
             gemv([a.o_proj], self.attn, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h])
             mode, w, b, eps = self._norm_args(block.post_attention_layernorm)
             mlp = block.mlp
+            # the MLP's activations stored in the down projection's permuted input order
+            down = mlp.down_proj if isinstance(mlp, GatedMLP) else mlp.c_proj
             if isinstance(mlp, GatedMLP):
-                gemv([mlp.gate_proj, mlp.up_proj], self.h, mode, w, b, eps, kernels.OUT_GATED, self.act, [self.mlp])
-                down = mlp.down_proj
+                gemv([mlp.gate_proj, mlp.up_proj], self.h, mode, w, b, eps, kernels.OUT_GATED, self.act, [self.mlp],
+                     down.input_order)
             else:
-                gemv([mlp.c_fc], self.h, mode, w, b, eps, kernels.OUT_ACT, self.act, [self.mlp])
-                down = mlp.c_proj
-            gemv([down], self.mlp, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h])
+                gemv([mlp.c_fc], self.h, mode, w, b, eps, kernels.OUT_ACT, self.act, [self.mlp], down.input_order)
+            gemv([down], self.mlp, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h], direct=True)
         mode, w, b, eps = self._norm_args(m.norm)
         gemv([m.lm_head], self.h, mode, w, b, eps, kernels.OUT_FLOAT, 0, [self.logits])
         self.sampler(self.logits, self.pos)

@@ -44,6 +44,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(wt[:, :out_f].t(), requires_grad=False)
         chunks, x_len = kernel_layout.dense_chunks(in_f, self.weight.device)
         self.kernel_matrix = ext.make_matrix(wt, None, None, chunks, None, _half(self.bias), out_f, x_len)
+        self.kernel_matrix_direct, self.input_order = self.kernel_matrix, None  # see EXL2Linear
 
 
 class EXL2Linear(nn.Module):
@@ -133,6 +134,11 @@ class EXL2Linear(nn.Module):
             self.register_buffer("chunks", chunks)
         self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
                                              self.perm, _half(self.bias), self.out_features, self.x_len)
+        # The same matrix for an input its producer already stored in permuted order (the GEMV's
+        # out_index = input_order): no gather through perm.
+        self.kernel_matrix_direct = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
+                                                    None, _half(self.bias), self.out_features, self.x_len)
+        self.input_order = self.q_invperm
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import IN_HALF, OUT_HALF

@@ -77,6 +77,37 @@ def test_exl2_gemv_matches_fp64_reference(ext, workspace, mix, shape, split):
     assert torch.allclose(lin(x[None])[0].float(), y16.float(), rtol=1e-2, atol=1e-2)  # module forward = kernel
 
 
+@pytest.mark.parametrize("shape", [(40000, 512), (33000, 256)])  # 1,250 tiles of 32; 258 wide tiles of 128
+@pytest.mark.parametrize("split", [False, True])
+def test_gemv_grid_larger_than_one_wave(ext, workspace, shape, split):
+    """More tiles than resident blocks: each block takes several units (tile, K split) in turn."""
+    out_f, in_f = shape
+    lin = random_layer(ext, out_f, in_f, MIXES[-2], seed=11)
+    x = torch.randn(in_f, device=DEV).half()
+    y = torch.full((out_f,), float("nan"), device=DEV)
+    ws = workspace if split else (None, None)
+    for _ in range(2):  # twice: the split counters must be back at zero after a launch
+        ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y], *ws)
+        assert rel_err(y, reference(lin, x)) <= 1e-5
+    assert workspace[1].sum().item() == 0
+
+
+def test_out_index_hands_the_next_layer_its_permuted_input(ext):
+    """A GEMV that stores its outputs in the next layer's input order; that layer then reads them as they are."""
+    first = random_layer(ext, 256, 128, MIXES[2], seed=21)
+    nxt = random_layer(ext, 64, 256, MIXES[-1], seed=22)
+    x = torch.randn(128, device=DEV).half()
+    mid, mid_p = (torch.full((256,), float("nan"), device=DEV, dtype=torch.float16) for _ in range(2))
+    ext.gemv([first.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_HALF, 0, [mid])
+    ext.gemv([first.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_HALF, 0, [mid_p],
+             out_index=nxt.input_order)
+    assert torch.equal(mid_p[nxt.input_order.long()], mid)
+    y, y_direct = (torch.full((64,), float("nan"), device=DEV) for _ in range(2))
+    ext.gemv([nxt.kernel_matrix], mid, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y])
+    ext.gemv([nxt.kernel_matrix_direct], mid_p, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y_direct])
+    assert torch.equal(y, y_direct)
+
+
 @pytest.mark.parametrize("mix", MIXES)
 def test_dequant_kernel_equals_reference_dequantization(ext, mix):
     lin = random_layer(ext, 200, 256, mix, seed=3)
