@@ -664,11 +664,11 @@ int dynamic_smem_budget() {
 }
 
 // Splits of K and resident blocks per SM (2 or 3: the two register budgets) for a launch of `tiles`
-// 32-column tiles whose smallest matrix has `min_chunks` chunks. Alike blocks finish together, so
-// a launch lasts about as long as its busiest SM: (its blocks) x (the share of a tile each does).
-// Among the grids that fit one wave of resident blocks, with at least 8 chunks per split
-// (KODKOD_GEMV_SPLIT_CHUNKS), take the one with the smallest such time; fewer splits and 2 blocks
-// per SM on ties. A launch larger than one wave (7B's MLP) runs unsplit with 3 blocks per SM.
+// tiles whose smallest matrix has `min_chunks` chunks: 3 blocks per SM for many tiles (where many
+// blocks stream weights), else 2 (no spills: better where the grid is small and latency rules);
+// split K while the grid fits in one wave of resident blocks and each split keeps at least 8 chunks
+// (KODKOD_GEMV_SPLIT_CHUNKS). Measured on the H100 (docs/performance.md): a cost rule that chose
+// splits and 3 blocks per SM to even out the SMs' loads was 5% slower at 0.5B and 20% at 7B.
 struct Plan {
   int min_blocks, splits;
 };
@@ -678,20 +678,9 @@ Plan plan_gemv(int tiles, int min_chunks, bool can_split) {
     const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
     return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
   }();
-  static const bool balance = [] { const char* e = std::getenv("KODKOD_GEMV_BALANCE"); return !(e && e[0] == '0'); }();
-  const int sms = sm_count(), most = std::max(1, std::min({kMaxSplits, min_chunks / 4, min_chunks / min_per_split}));
-  if (!balance || !can_split) {  // the rule before: fill one wave of 2 (or, for many tiles, 3) blocks per SM
-    const int mb = tiles > 2 * sms ? 3 : 2;
-    return {mb, can_split ? std::max(1, std::min(mb * sms / tiles, most)) : 1};
-  }
-  Plan best{tiles > 2 * sms ? 3 : 2, 1};
-  double cost = 1e30;
-  for (int mb = 2; mb <= 3; ++mb)
-    for (int s = 1; s <= most && tiles * s <= mb * sms; ++s) {
-      const double c = double((tiles * s + sms - 1) / sms) / s;
-      if (c < cost * 0.98) cost = c, best = {mb, s};
-    }
-  return best;
+  const int sms = sm_count(), mb = tiles > 2 * sms ? 3 : 2;
+  const int most = std::max(1, std::min({kMaxSplits, min_chunks / 4, min_chunks / min_per_split}));
+  return {mb, can_split ? std::max(1, std::min(mb * sms / tiles, most)) : 1};
 }
 
 template <int TW, int MIN_BLOCKS, bool MULTI = false>

@@ -12,7 +12,6 @@ with filters) on first use.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -221,8 +220,6 @@ class FastDecoder(Decoder):
 
     def _gemv(self, mats, x, mode, w, b, eps, out_mode, act, outs, out_index=None, direct=False):
         """direct: x already stands in the layers' permuted input order (written with out_index)."""
-        if os.environ.get("KODKOD_OUT_INDEX") == "0":  # an experiment knob: gather through perm instead
-            out_index, direct = None, False
         handles = [lin.kernel_matrix_direct if direct else lin.kernel_matrix for lin in mats]
         self.ext.gemv(handles, x, mode, w, b, eps, out_mode, act, outs, self.partials, self.tile_counters, out_index)
 
