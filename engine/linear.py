@@ -14,6 +14,8 @@ from torch import nn
 
 from . import exl2, kernel_layout
 
+FEW_TOKENS = 16  # inputs of at most this many tokens multiply the packed weights (csrc: kMaxTokens)
+
 
 class Linear(nn.Module):
     """y = x W^T + b, with W dense [out, in]."""
@@ -126,7 +128,7 @@ class EXL2Linear(nn.Module):
         return self._kernel_forward(x)
 
     def prepare_kernels(self, ext, scratch: "DequantScratch") -> None:
-        """Use the kernels: a one-token input runs the GEMV, longer ones dequantize into scratch + matmul."""
+        """Use the kernels: up to FEW_TOKENS tokens run the GEMV, longer inputs dequantize into scratch + matmul."""
         self._ext, self._scratch = ext, scratch
         self._dense = None
         if self.kernel_matrix is None:
@@ -148,6 +150,10 @@ class EXL2Linear(nn.Module):
         if x2.shape[0] == 1:
             out = torch.empty(self.out_features, dtype=torch.float16, device=x.device)
             self._ext.gemv([self.kernel_matrix], x2[0].contiguous(), IN_HALF, None, None, 0.0, OUT_HALF, 0, [out])
+            return out.view(*lead, self.out_features).to(x.dtype)
+        if x2.shape[0] <= FEW_TOKENS:  # speculative verification: the packed weights read once per 8 tokens
+            out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float16, device=x.device)
+            self._ext.gemv_tokens(self.kernel_matrix, x2.contiguous(), out, self._scratch.get(8 * self.x_len, x.device))
             return out.view(*lead, self.out_features).to(x.dtype)
         w = self._scratch.get(k * self.q_weight.shape[1], x.device).view(k, -1)
         self._ext.dequant(self.kernel_matrix, w)  # W in the original row order: no gather of x

@@ -117,9 +117,10 @@ def test_dequant_kernel_equals_reference_dequantization(ext, mix):
     assert torch.allclose(out[:, :200].float(), ref.half().float(), rtol=1e-3, atol=1e-6)
 
 
-def test_multi_token_forward_dequantizes_into_scratch(ext):
+@pytest.mark.parametrize("tokens", [7, 40])  # the few-token GEMV; dequantization into scratch + matmul
+def test_multi_token_module_forward(ext, tokens):
     lin = random_layer(ext, 300, 512, MIXES[-2], seed=5)
-    x = torch.randn(7, 512, device=DEV).half()
+    x = torch.randn(tokens, 512, device=DEV).half()
     assert rel_err(lin(x), reference(lin, x)) <= 2e-3
 
 
