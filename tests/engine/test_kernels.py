@@ -92,6 +92,31 @@ def test_gemv_grid_larger_than_one_wave(ext, workspace, shape, split):
     assert workspace[1].sum().item() == 0
 
 
+@pytest.mark.parametrize("mix", [MIXES[-2], MIXES[-1]])
+def test_rows_beyond_the_window_stream_through_the_ring(ext, mix):
+    """Long K and no split: a block's rows do not fit shared memory and stream through the ring
+    (stages across group and bit-width boundaries; gated: part 0's stages, then part 1's; dense)."""
+    lin = random_layer(ext, 72, 8192, mix, seed=31)
+    x = torch.randn(8192, device=DEV).half()
+    y = torch.full((72,), float("nan"), device=DEV)
+    ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [y])
+    assert rel_err(y, reference(lin, x)) <= 1e-5
+    gate, up = (random_layer(ext, 72, 4096, mix, seed=s) for s in (32, 33))
+    x = torch.randn(4096, device=DEV).half()
+    act = torch.full((72,), float("nan"), device=DEV, dtype=torch.float16)
+    ext.gemv([gate.kernel_matrix, up.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_GATED,
+             kernels.ACTIVATION_IDS["silu"], [act])
+    assert rel_err(act, torch.nn.functional.silu(reference(gate, x)) * reference(up, x)) <= 3e-3
+    g = torch.Generator(device=DEV).manual_seed(34)
+    w = (torch.randn(40, 12000, generator=g, device=DEV) * 0.01).half()
+    dense = Linear(w.clone(), None)
+    dense.prepare_kernels(ext)
+    xd = torch.randn(12000, device=DEV).half()
+    yd = torch.full((40,), float("nan"), device=DEV)
+    ext.gemv([dense.kernel_matrix], xd, kernels.IN_HALF, None, None, 0.0, kernels.OUT_FLOAT, 0, [yd])
+    assert rel_err(yd, xd.double() @ w.double().T) <= 1e-5
+
+
 def test_out_index_hands_the_next_layer_its_permuted_input(ext):
     """A GEMV that stores its outputs in the next layer's input order; that layer then reads them as they are."""
     first = random_layer(ext, 256, 128, MIXES[2], seed=21)
