@@ -31,7 +31,6 @@ constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kPassTokens = 8; // tokens of one multi-token pass: the mma's n
 constexpr int kStage = 1024;   // chunk-table entries a block stages in shared memory
 constexpr int kMaxSplits = 64;
-constexpr int kRing = 4, kSlot = 8192;  // the weight ring: slots of one stage (8 chunks x 32 columns, or 2 x 128) each
 
 // The layout engine/kernel_layout.py writes (read its docstring first): a chunk is 16 (2-bit, dense)
 // or 32 rows; a lane of a warp holds 4 columns of a 32-column tile and, per 16-row k-step, the rows
@@ -391,40 +390,6 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     p[j].w = sm.w + j * (a.window / parts);
     p[j].r_hi = min(p[j].r_end, p[j].r_lo + (a.window / parts) / p[j].row_bytes);
   }
-  // Rows that do not fit the window stream through a ring of kRing slots instead: stage s (the
-  // chunks the warps take in their s-th turn) is copied while the stages before it are computed.
-  static_assert(kSlot >= SLICES * 8 * TILE * 4 && kSlot >= SLICES * 16 * TILE * 2, "a stage must fit a slot");
-  int stages[2] = {0, 0}, bytes = 0;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    if (j >= parts) break;
-    stages[j] = (p[j].c_hi - p[j].c_lo + SLICES - 1) / SLICES;
-    bytes += (p[j].r_end - p[j].r_lo) * p[j].row_bytes;
-  }
-  const bool ring = !MULTI && a.ring && a.window >= kRing * kSlot && bytes > a.window;
-  if (ring) {  // nothing through the one-shot window
-    p[0].r_hi = p[0].r_lo;
-    p[1].r_hi = p[1].r_lo;
-  }
-  auto issue_part = [&](const Part& q, const Matrix& m, int it, char* dst) {
-    const int c0 = q.c_lo + SLICES * it, c1 = c0 + SLICES, elem = m.q_scale ? 4 : 2;
-    const int r0 = __ldg(m.chunks + c0).x, r1 = c1 < q.c_hi ? __ldg(m.chunks + c1).x : q.r_end;
-    const int pieces = q.row_bytes / 16;
-    const char* src = reinterpret_cast<const char*>(m.q_weight) + (size_t)tile * TILE * elem;
-    for (int i = threadIdx.x; i < (r1 - r0) * pieces; i += blockDim.x) {
-      const int r = i / pieces, c = i % pieces;
-      if (tile * TILE + c * 16 / elem < m.n)
-        copy16(dst + r * q.row_bytes + c * 16, src + ((size_t)(r0 + r) * m.n) * elem + c * 16);
-    }
-  };
-  auto issue = [&](int g) {  // stage g (part 0's stages, then part 1's) into slot g % kRing: one copy group
-    char* dst = sm.w + (g % kRing) * kSlot;
-    if (g < stages[0])
-      issue_part(p[0], a.mat[mi], g, dst);
-    else if (parts > 1 && g - stages[0] < stages[1])
-      issue_part(p[1], a.mat[mi + 1], g - stages[0], dst);
-    copies_commit();
-  };
 
   // Everything that does not depend on the previous kernel, copied into shared memory now (so it
   // may overlap that kernel): chunk-table entries, permutation rows, the norm's weights, weight rows.
@@ -458,7 +423,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
                m.q_scale + (size_t)(p[j].g_lo + g) * (m.n / 8) + tile * (TILE / 8) + c * 4);
     }
     for (int i = threadIdx.x; i < p[j].g_n; i += blockDim.x) p[j].smax[i] = m.q_scale_max[p[j].g_lo + i];
-    if (L.col < m.n && !ring)
+    if (L.col < m.n)
       for (int r = p[j].r_hi + slice; r < p[j].r_end; r += SLICES)  // beyond the window: toward L2
         if (L.lane == 0) prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + L.col) * elem);
   }
@@ -476,8 +441,6 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     }
   }
   copies_commit();
-  if (ring)
-    for (int g = 0; g < kRing - 1; ++g) issue(g);
   trace_point(a.trace, 1);
   pdl_wait();  // from here on the input (written by the previous kernel) is complete
   pdl_trigger();
@@ -505,10 +468,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       }
       rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
     }
-    if (ring)
-      copies_wait_pending<kRing - 1>();  // the tables and permutation rows; the ring's stages may still fly
-    else
-      copies_wait();
+    copies_wait();
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -524,29 +484,15 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
 
   // Each warp's sums into sm.red; thread i < TILE (one token) adds the slices of column i.
   float y[2] = {0.f, 0.f};
-  int g = 0;  // the ring's stage
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     if (j >= parts) break;
     const Matrix& m = a.mat[mi + j];
     L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * a.x_span - p[j].k_lo;
     float acc[2][4] = {};
-    if (ring) {
-      for (int it = 0; it < stages[j]; ++it, ++g) {
-        copies_wait_pending<kRing - 2>();  // stage g has landed (for this thread's copies; the barrier: all)
-        __syncthreads();                   // ... and every warp is done with stage g - 1's slot
-        issue(g + kRing - 1);
-        Part q = p[j];  // stage g's rows, read from its slot
-        q.w = sm.w + (g % kRing) * kSlot;
-        q.r_lo = chunks[j][p[j].c_lo + SLICES * it].x;
-        q.r_hi = 1 << 30;
-        const int i = p[j].c_lo + SLICES * it + slice;
-        if (i < p[j].c_hi && L.col < m.n) compute_chunk(m, q, chunks[j][i], L, acc);
-      }
-    } else if (L.col < m.n) {
+    if (L.col < m.n)
 #pragma unroll 2
       for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES) compute_chunk(m, p[j], chunks[j][i], L, acc);
-    }
     const int c = L.sub * 32 + 4 * L.g;
     if constexpr (MULTI) {
       float* r = sm.red + slice * kPassTokens * TILE;
@@ -760,8 +706,6 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
     args.scale_groups = std::max(args.scale_groups, (a.mat[i].groups * 5 / 4 + splits - 1) / splits + 2);
     rows = std::max(rows, ((a.mat[i].rows * 5 / 4 + splits - 1) / splits + 8) * TILE * (a.mat[i].q_scale ? 4 : 2));
   }
-  static const bool ring = [] { const char* e = std::getenv("KODKOD_GEMV_RING"); return !(e && e[0] == '0'); }();
-  args.ring = ring;
   args.window = 0;
   const int room = std::max(0, dynamic_smem_budget<TW, MIN_BLOCKS, MULTI>() - (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);

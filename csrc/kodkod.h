@@ -62,7 +62,6 @@ struct GemvArgs {
   unsigned long long* trace;  // trace.cuh (set by the launcher)
   int tokens;                 // set by gemv_tokens: tokens of a multi-token pass
   int x_span;                 // set by the launcher: input rows of one split, at most (a multiple of 8)
-  bool ring;                  // set by the launcher: rows beyond the window stream through a ring
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);

@@ -93,9 +93,9 @@ def test_gemv_grid_larger_than_one_wave(ext, workspace, shape, split):
 
 
 @pytest.mark.parametrize("mix", [MIXES[-2], MIXES[-1]])
-def test_rows_beyond_the_window_stream_through_the_ring(ext, mix):
-    """Long K and no split: a block's rows do not fit shared memory and stream through the ring
-    (stages across group and bit-width boundaries; gated: part 0's stages, then part 1's; dense)."""
+def test_rows_beyond_the_window_come_from_global_memory(ext, mix):
+    """Long K and no split: a block's rows do not all fit its shared-memory window; the rest are
+    read from global memory (EXL2 with mixed bit widths, gated, dense)."""
     lin = random_layer(ext, 72, 8192, mix, seed=31)
     x = torch.randn(8192, device=DEV).half()
     y = torch.full((72,), float("nan"), device=DEV)
