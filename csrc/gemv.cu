@@ -330,6 +330,46 @@ __device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool perm
   }
 }
 
+// The residual stream read once into shared memory (sm.h), with its norm's statistics from the same
+// pass (LayerNorm: its mean first, then the squares from shared memory); block_sum's barriers publish sm.h.
+__device__ __forceinline__ void norm_stats(const GemvArgs& a, const Smem& sm, float* stats, float& mean, float& rstd) {
+  const float* h = static_cast<const float*>(a.x);
+  float s = 0.f;
+  for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
+    const float v = __ldcg(h + i);
+    sm.h[i] = v;
+    s += a.in_mode == kInLayerNorm ? v : v * v;
+  }
+  if (a.in_mode == kInLayerNorm) {
+    mean = block_sum(s, stats) / a.k_in;
+    s = 0.f;
+    for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
+      const float d = sm.h[i] - mean;
+      s += d * d;
+    }
+  }
+  rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
+}
+
+// The epilogue of one output column: y[0] (and y[1], gated: up) is its sum over all rows.
+__device__ __forceinline__ void store(const GemvArgs& a, int mi, int col, const float (&y)[2]) {
+  const Matrix& m = a.mat[mi];
+  const float b0 = m.bias ? __half2float(m.bias[col]) : 0.f;
+  const int at = a.out_index ? a.out_index[col] : col;  // fp16 outputs only
+  switch (a.out_mode) {
+    case kOutHalf: static_cast<half*>(a.out[mi])[at] = __float2half(y[0] + b0); break;
+    case kOutFloat: static_cast<float*>(a.out[mi])[col] = y[0] + b0; break;
+    case kOutResidual: static_cast<float*>(a.out[mi])[col] += y[0] + b0; break;
+    case kOutAct: static_cast<half*>(a.out[mi])[at] = __float2half(activate(round_half(y[0] + b0), a.act)); break;
+    case kOutGated: {
+      const float b1 = a.mat[1].bias ? __half2float(a.mat[1].bias[col]) : 0.f;
+      const float g = round_half(activate(round_half(y[0] + b0), a.act));
+      static_cast<half*>(a.out[0])[at] = __float2half(g * round_half(y[1] + b1));
+      break;
+    }
+  }
+}
+
 __host__ __device__ int tiles(const Matrix& m, int tile_cols) { return (m.n_out + tile_cols - 1) / tile_cols; }
 
 // Chunk range [lo, hi) of split ks out of nks.
@@ -447,27 +487,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   trace_point(a.trace, 2);
 
   if constexpr (!MULTI) {
-    // The residual stream is read once, into shared memory; the norm's sums come from the same pass
-    // (LayerNorm: its mean first, then the squares from shared memory). block_sum's barriers publish sm.h.
     float mean = 0.f, rstd = 1.f;
-    if (a.in_mode != kInHalf) {
-      const float* h = static_cast<const float*>(a.x);
-      float s = 0.f;
-      for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-        const float v = __ldcg(h + i);
-        sm.h[i] = v;
-        s += a.in_mode == kInLayerNorm ? v : v * v;
-      }
-      if (a.in_mode == kInLayerNorm) {
-        mean = block_sum(s, stats) / a.k_in;
-        s = 0.f;
-        for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-          const float d = sm.h[i] - mean;
-          s += d * d;
-        }
-      }
-      rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
-    }
+    if (a.in_mode != kInHalf) norm_stats(a, sm, stats, mean, rstd);
     copies_wait();
     __syncthreads();
 #pragma unroll
@@ -557,24 +578,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   }
   trace_point(a.trace, 5);
 
-  if (threadIdx.x >= TILE) return;
-  const Matrix& m = a.mat[mi];
   const int col = tile * TILE + threadIdx.x;
-  if (col >= m.n_out) return;
-  const float b0 = m.bias ? __half2float(m.bias[col]) : 0.f;
-  const int at = a.out_index ? a.out_index[col] : col;  // fp16 outputs only
-  switch (a.out_mode) {
-    case kOutHalf: static_cast<half*>(a.out[mi])[at] = __float2half(y[0] + b0); break;
-    case kOutFloat: static_cast<float*>(a.out[mi])[col] = y[0] + b0; break;
-    case kOutResidual: static_cast<float*>(a.out[mi])[col] += y[0] + b0; break;
-    case kOutAct: static_cast<half*>(a.out[mi])[at] = __float2half(activate(round_half(y[0] + b0), a.act)); break;
-    case kOutGated: {
-      const float b1 = a.mat[1].bias ? __half2float(a.mat[1].bias[col]) : 0.f;
-      const float g = round_half(activate(round_half(y[0] + b0), a.act));
-      static_cast<half*>(a.out[0])[at] = __float2half(g * round_half(y[1] + b1));
-      break;
-    }
-  }
+  if (threadIdx.x < TILE && col < a.mat[mi].n_out) store(a, mi, col, y);
 }
 
 // W [k, n] fp16 in the original row order from one chunk of one 32-column tile (a warp): the same
