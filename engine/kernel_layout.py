@@ -91,17 +91,23 @@ def covered_rows(table: list[tuple[int, int, int, int]]) -> int:
     return table[-1][1] + chunk_values(table[-1][3])
 
 
-def repack(q_weight: torch.Tensor, groups: list[exl2.Group], block: int = 1024) -> tuple[torch.Tensor, torch.Tensor, int]:
+def repack(q_weight: torch.Tensor, groups: list[exl2.Group], block: int = 1024,
+           in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """EXL2 q_weight [QR, N] -> (kernel words [R, N] int32, chunk table [C, 4] int32, x_len).
 
     x_len counts the value rows the chunks cover (K rounded up to a whole chunk). Columns go
-    `block` at a time so that a wide matrix never holds all its 64-bit temporaries at once.
+    `block` at a time so that a wide matrix never holds all its 64-bit temporaries at once; with
+    in_place, into q_weight itself where the row counts agree (every K a multiple of 32), so that
+    loading never holds a matrix twice.
     """
     table = chunk_table(groups)
     n = q_weight.shape[1]
     x_len = covered_rows(table)
     rows = table[-1][0] + chunk_words(table[-1][3])
-    out = torch.empty(rows, n, dtype=torch.int32, device=q_weight.device)
+    if in_place and rows == q_weight.shape[0] and q_weight.dtype == torch.int32 and q_weight.is_contiguous():
+        out = q_weight  # a column block is decoded whole before its words are overwritten
+    else:
+        out = torch.empty(rows, n, dtype=torch.int32, device=q_weight.device)
     for c0 in range(0, n, block):
         cols = slice(c0, min(n, c0 + block))
         codes = exl2.unpack(q_weight[:, cols], groups).to(torch.int64)

@@ -132,7 +132,7 @@ class EXL2Linear(nn.Module):
         self._ext, self._scratch = ext, scratch
         self._dense = None
         if self.kernel_matrix is None:
-            self.q_weight, chunks, _ = kernel_layout.repack(self.q_weight, self.groups)
+            self.q_weight, chunks, _ = kernel_layout.repack(self.q_weight, self.groups, in_place=True)
             self.register_buffer("chunks", chunks)
         self.kernel_matrix = ext.make_matrix(self.q_weight, self.q_scale, self.q_scale_max, self.chunks,
                                              self.perm, _half(self.bias), self.out_features, self.x_len)

@@ -34,6 +34,9 @@ def test_kernel_layout_holds_every_value_once(mix, k):
         values += kernel_layout.chunk_values(bits)
     assert rows == words.shape[0] and values == x_len >= k
     assert torch.equal(kernel_layout.unpack(words, chunks, k), exl2.unpack(t["q_weight"], groups).long())
+    own = t["q_weight"].clone()
+    again, _, _ = kernel_layout.repack(own, groups, block=64, in_place=True)
+    assert torch.equal(again, words) and (again.data_ptr() == own.data_ptr()) == (words.shape == own.shape)
 
 
 def test_kernel_layout_refuses_groups_that_split_a_chunk():
