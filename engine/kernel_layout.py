@@ -108,23 +108,24 @@ def repack(q_weight: torch.Tensor, groups: list[exl2.Group], block: int = 1024,
         out = q_weight  # a column block is decoded whole before its words are overwritten
     else:
         out = torch.empty(rows, n, dtype=torch.int32, device=q_weight.device)
+    dev, k = q_weight.device, sum(g.rows for g in groups)
+    widths = []  # per bit width, once for every column block: the value rows of its chunks (past K:
+    for bits in sorted({g.bits for g in groups}):  # padding) and the packed rows they go to
+        mine = [c for c in table if c[3] == bits]
+        idx = torch.tensor([c[1] for c in mine], device=dev)[:, None] + torch.arange(chunk_values(bits), device=dev)
+        dst = torch.tensor([c[0] for c in mine], device=dev)[:, None] + torch.arange(chunk_words(bits), device=dev)
+        widths.append((bits, idx.clamp(max=k - 1), (idx < k)[..., None], dst.flatten()))
     for c0 in range(0, n, block):
         cols = slice(c0, min(n, c0 + block))
         codes = exl2.unpack(q_weight[:, cols], groups).to(torch.int64)
-        k = codes.shape[0]
-        for bits in sorted({g.bits for g in groups}):
-            mine = [c for c in table if c[3] == bits]
-            v, (lo_b, hi_b) = chunk_values(bits), planes(bits)
-            idx = torch.tensor([c[1] for c in mine], device=codes.device)[:, None] + torch.arange(v, device=codes.device)
-            vals = torch.where((idx < k)[..., None], codes[idx.clamp(max=k - 1)], 1 << (bits - 1))  # padding: weight 0
+        for bits, rows_in, inside, dst in widths:
+            lo_b, hi_b = planes(bits)
+            vals = torch.where(inside, codes[rows_in], 1 << (bits - 1))  # padding: weight 0
             pairs = _order(vals)  # [C, tiles, 32, P, 2]
             words = _plane_words(pairs & ((1 << lo_b) - 1), lo_b)
             if hi_b:
                 words = torch.cat([words, _plane_words(pairs >> lo_b, hi_b)], -1)
-            words = words.permute(0, 3, 1, 2).reshape(-1, cols.stop - c0)  # [C * W, cols]
-            dst = torch.tensor([c[0] for c in mine], device=codes.device)[:, None] + torch.arange(
-                chunk_words(bits), device=codes.device)
-            out[dst.flatten(), cols] = exl2.to_int32(words)
+            out[dst, cols] = exl2.to_int32(words.permute(0, 3, 1, 2).reshape(-1, cols.stop - c0))  # [C * W, cols]
     return out, torch.tensor(table, dtype=torch.int32, device=q_weight.device), x_len
 
 
