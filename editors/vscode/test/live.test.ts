@@ -42,6 +42,10 @@ describe("vscode client against a live server", { skip }, () => {
   const mk = (token: string | undefined = TOKEN, url?: string) =>
     new Completer(() => new KodkodClient(url ?? live.url, token), (s) => statuses.push(s));
   const cancels = () => live.metric("kodkod_cancellations_total", 'reason="disconnected"');
+  // the server ends a request whose client went away as "disconnected", or as "superseded" when the
+  // same editor's next request reaches it before it notices the disconnect (a race on a busy machine)
+  const cancelsOrSupersedes = async () =>
+    (await cancels()) + (await live.metric("kodkod_cancellations_total", 'reason="superseded"'));
   const served = () => live.metric("kodkod_http_requests_total", 'method="POST",route="/v1/completions",status="200"');
 
   before(async () => {
@@ -84,14 +88,14 @@ describe("vscode client against a live server", { skip }, () => {
 
   test("a new request aborts the one in flight: the server cancels it", async () => {
     const c = mk();
-    const c0 = await cancels();
+    const c0 = await cancelsOrSupersedes();
     const first = c.provide(LONG);
     await new Promise((r) => setTimeout(r, 150)); // the first is decoding now
     const second = c.provide({ ...Q, doc: "file:///other.py" });
     assert.equal(await first, undefined);
     assert.ok(await second);
     assert.equal(c.stats.aborted, 1);
-    assert.equal(await until(cancels, c0 + 1), c0 + 1);
+    assert.equal(await until(cancelsOrSupersedes, c0 + 1), c0 + 1);
   });
 
   test("VS Code's cancellation token aborts the request", async () => {
