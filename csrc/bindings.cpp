@@ -171,8 +171,8 @@ void decode_attention(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor v_
   TORCH_CHECK(d % 8 == 0 && d <= 256, "head_dim must be a multiple of 8, at most 256");
   TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(1) == kv_heads, "bad head counts");
   TORCH_CHECK(qkv.numel() == (heads + 2 * kv_heads) * d, "qkv size");
-  TORCH_CHECK(splits >= kodkod::attention_splits(k_cache.size(0)), "too few splits for the cache length");
-  TORCH_CHECK(scratch.numel() >= heads * splits * (d + 2) && counters.numel() >= heads, "scratch too small");
+  TORCH_CHECK(splits >= kodkod::attention_splits(k_cache.size(0), d), "too few splits for the cache length");
+  TORCH_CHECK(scratch.numel() >= heads * splits * (d + 4) && counters.numel() >= heads, "scratch too small");
   const c10::cuda::CUDAGuard guard(qkv.device());
   kodkod::AttentionArgs a{};
   a.qkv = ptr<const half>(qkv);

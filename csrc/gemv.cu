@@ -19,6 +19,7 @@
 // Epilogues: store fp16, add into the fp32 residual, act(gate) * up, act(x), store fp32 (logits).
 #include "kodkod.h"
 #include "launch.cuh"
+#include "mma.cuh"
 #include "trace.cuh"
 
 #include <algorithm>
@@ -93,23 +94,6 @@ __device__ __forceinline__ void decode_pairs(const uint32_t* w, uint32_t* a) {
     }
     decode_pairs<B, p + 1>(w, a);
   }
-}
-
-// d += A B for one 16-row k-step: A rows g, g+8 (two columns of the lane), B the inputs (n: token).
-__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
-                                    uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else  // Turing: two k8 halves
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(b0));
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a2), "r"(a3), "r"(b1));
-#endif
 }
 
 // The two mmas of k-step s over the lane's pairs a: columns (0, 1) into d[0], (2, 3) into d[1].

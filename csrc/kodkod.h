@@ -87,16 +87,18 @@ struct AttentionArgs {
   const half* k_norm;
   float norm_eps;
   half* out;              // [heads*d]
-  float* scratch;         // [heads, splits, d + 2] partial results
+  float* scratch;         // [heads, splits, d + 4] partial results: weighted values, max, sum (16-byte rows)
   int* counters;          // [heads] zeroed once; each launch leaves them zero again
   int heads, kv_heads, d, rot_dim, max_len, window, splits;
-  bool stage;             // set by the launcher: cached rows through shared memory
+  int chunk;              // set by the launcher: positions a block stages (attention_chunk)
+  int split_len;          // set by the launcher: positions per split where a context exceeds chunk
   float scale;
   unsigned long long* trace;  // trace.cuh (set by the launcher)
 };
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
-int attention_splits(int max_len);
+int attention_chunk(int head_dim);                 // positions a block stages
+int attention_splits(int max_len, int head_dim);  // splits (and scratch rows per head) a cache needs
 
 struct SampleArgs {
   const float* logits;       // [vocab]

@@ -49,10 +49,10 @@ def _attention(ext, seed: int) -> float:
     vals = torch.cat([vc[:pos], qkv[(heads + kv) * d:].view(1, kv, d)]).double().repeat_interleave(heads // kv, 1)
     ref = torch.einsum("ht,thd->hd", torch.softmax(torch.einsum("hd,thd->ht", q[0].double(), keys) / math.sqrt(d), -1),
                        vals)
-    splits = ext.attention_splits(max_len)
+    splits = ext.attention_splits(max_len, d)
     out = torch.full((heads * d,), float("nan"), device="cuda", dtype=torch.float16)
     ext.decode_attention(qkv, kc, vc, torch.tensor([pos], dtype=torch.int32, device="cuda"), cos, sin, None, None,
-                         0.0, out, torch.zeros(heads * splits * (d + 2), device="cuda"),
+                         0.0, out, torch.zeros(heads * splits * (d + 4), device="cuda"),
                          torch.zeros(heads, dtype=torch.int32, device="cuda"), heads, kv, 0, splits, 1 / math.sqrt(d))
     return _rel(out, ref)
 

@@ -259,7 +259,8 @@ def attention_reference(qkv, kc, vc, pos, cos, sin, heads, kv_heads, window, q_n
 
 @pytest.mark.parametrize("heads, kv_heads, d, rot, window, qk_norm", [
     (14, 2, 64, 1.0, 0, False), (8, 8, 128, 1.0, 0, False), (12, 4, 96, 0.5, 0, False),
-    (4, 2, 64, 1.0, 100, False), (8, 2, 128, 1.0, 0, True), (2, 1, 256, 1.0, 0, False)])
+    (4, 2, 64, 1.0, 100, False), (8, 2, 128, 1.0, 0, True), (2, 1, 256, 1.0, 0, False),
+    (34, 1, 64, 1.0, 0, False), (6, 2, 72, 1.0, 0, False)])  # 3 groups of 16 heads; dims past 64 padded
 @pytest.mark.parametrize("pos", [0, 1, 255, 256, 700, 1023])
 def test_decode_attention_matches_reference(ext, heads, kv_heads, d, rot, window, qk_norm, pos):
     max_len = 1024
@@ -273,9 +274,9 @@ def test_decode_attention_matches_reference(ext, heads, kv_heads, d, rot, window
     norms = [RMSNorm((1 + 0.1 * torch.randn(d, generator=g, device=DEV)).half(), 1e-6) for _ in range(2)] \
         if qk_norm else [None, None]
     ref, kc_ref, vc_ref = attention_reference(qkv, kc, vc, pos, cos, sin, heads, kv_heads, window, *norms)
-    splits = ext.attention_splits(max_len)
+    splits = ext.attention_splits(max_len, d)
     out = torch.full((heads * d,), float("nan"), device=DEV, dtype=torch.float16)
-    scratch = torch.zeros(heads * splits * (d + 2), device=DEV)
+    scratch = torch.zeros(heads * splits * (d + 4), device=DEV)
     counters = torch.zeros(heads, dtype=torch.int32, device=DEV)
     p = torch.tensor([pos], dtype=torch.int32, device=DEV)
     for _ in range(2):  # the second launch checks that the counters were left at zero
