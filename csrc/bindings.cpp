@@ -76,11 +76,10 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   return h;
 }
 
-int64_t gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mode,
-             c10::optional<torch::Tensor> norm_w, c10::optional<torch::Tensor> norm_b, double eps, int64_t out_mode,
-             int64_t act, const std::vector<torch::Tensor>& outs, c10::optional<torch::Tensor> partials,
-             c10::optional<torch::Tensor> counters, c10::optional<torch::Tensor> out_index,
-             c10::optional<torch::Tensor> x_parts, int64_t n_parts, c10::optional<torch::Tensor> h_out) {
+void gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_mode,
+          c10::optional<torch::Tensor> norm_w, c10::optional<torch::Tensor> norm_b, double eps, int64_t out_mode,
+          int64_t act, const std::vector<torch::Tensor>& outs, c10::optional<torch::Tensor> partials,
+          c10::optional<torch::Tensor> counters, c10::optional<torch::Tensor> out_index) {
   TORCH_CHECK(!mats.empty() && mats.size() <= kodkod::kMaxMatrices, "1 to 3 matrices per launch");
   TORCH_CHECK(out_mode != kodkod::kOutGated || mats.size() == 2, "a gated launch takes gate and up");
   const bool gated = out_mode == kodkod::kOutGated;
@@ -100,28 +99,11 @@ int64_t gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_
   a.eps = static_cast<float>(eps);
   a.out_mode = static_cast<int>(out_mode);
   a.act = static_cast<int>(act);
-  const bool float_out = out_mode == kodkod::kOutResidual || out_mode == kodkod::kOutFloat ||
-                         out_mode == kodkod::kOutPartial;
-  TORCH_CHECK(out_mode != kodkod::kOutPartial || mats.size() == 1, "partial sums: one matrix");
+  const bool float_out = out_mode == kodkod::kOutResidual || out_mode == kodkod::kOutFloat;
   for (size_t i = 0; i < outs.size(); ++i) {
     check(outs[i], float_out ? torch::kFloat : torch::kHalf, "out");
     TORCH_CHECK(outs[i].numel() >= mats[i].m.n_out, "output too small");
     a.out[i] = outs[i].data_ptr();
-  }
-  a.out_size = static_cast<int>(std::min<int64_t>(outs[0].numel(), INT32_MAX));
-  if (n_parts > 0) {
-    TORCH_CHECK(in_mode != kodkod::kInHalf, "partial sums are added to a norm's residual stream");
-    TORCH_CHECK(x_parts.has_value(), "n_parts without x_parts");
-    check(*x_parts, torch::kFloat, "x_parts");
-    TORCH_CHECK(x_parts->numel() >= n_parts * x.numel(), "x_parts holds fewer than n_parts rows");
-    a.x_parts = ptr<const float>(*x_parts);
-    a.n_parts = static_cast<int>(n_parts);
-  }
-  if (h_out.has_value()) {
-    check(*h_out, torch::kFloat, "h_out");
-    TORCH_CHECK(in_mode != kodkod::kInHalf && h_out->numel() >= x.numel(), "h_out: a norm mode's residual stream");
-    TORCH_CHECK(h_out->data_ptr() != x.data_ptr(), "h_out must not be x (other blocks still read it)");
-    a.h_out = ptr<float>(*h_out);
   }
   for (size_t i = 0; i < mats.size(); ++i)
     TORCH_CHECK(mats[i].m.x_len >= a.k_in, "input longer than the matrix's rows");
@@ -141,9 +123,8 @@ int64_t gemv(const std::vector<MatrixHandle>& mats, torch::Tensor x, int64_t in_
     TORCH_CHECK(outs[0].numel() >= out_index->numel(), "output shorter than out_index's range");
     a.out_index = ptr<const int>(*out_index);
   }
-  const int splits = kodkod::gemv(a, stream());
+  kodkod::gemv(a, stream());
   check_launch();
-  return splits;
 }
 
 void gemv_tokens(const MatrixHandle& mat, torch::Tensor x, torch::Tensor out, torch::Tensor scratch) {
@@ -277,9 +258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, pybind11::arg("mats"), pybind11::arg("x"), pybind11::arg("in_mode"),
         pybind11::arg("norm_w"), pybind11::arg("norm_b"), pybind11::arg("eps"), pybind11::arg("out_mode"),
         pybind11::arg("act"), pybind11::arg("outs"), pybind11::arg("partials") = pybind11::none(),
-        pybind11::arg("counters") = pybind11::none(), pybind11::arg("out_index") = pybind11::none(),
-        pybind11::arg("x_parts") = pybind11::none(), pybind11::arg("n_parts") = 0,
-        pybind11::arg("h_out") = pybind11::none());
+        pybind11::arg("counters") = pybind11::none(), pybind11::arg("out_index") = pybind11::none());
   m.def("dequant", &dequant);
   m.def("gemv_tokens", &gemv_tokens);
   m.def("decode_attention", &decode_attention);

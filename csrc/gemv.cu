@@ -318,14 +318,10 @@ __device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool perm
 // pass (LayerNorm: its mean first, then the squares from shared memory); block_sum's barriers publish sm.h.
 __device__ __forceinline__ void norm_stats(const GemvArgs& a, const Smem& sm, float* stats, float& mean, float& rstd) {
   const float* h = static_cast<const float*>(a.x);
-  const bool writer = a.h_out && blockIdx.x == 0 && blockIdx.y == 0;
   float s = 0.f;
   for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-    float v = __ldcg(h + i);
-#pragma unroll 4
-    for (int p = 0; p < a.n_parts; ++p) v += __ldcg(a.x_parts + (size_t)p * a.k_in + i);
+    const float v = __ldcg(h + i);
     sm.h[i] = v;
-    if (writer) a.h_out[i] = v;
     s += a.in_mode == kInLayerNorm ? v : v * v;
   }
   if (a.in_mode == kInLayerNorm) {
@@ -538,14 +534,6 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   }
   trace_point(a.trace, 4);
 
-  if (a.out_mode == kOutPartial) {  // no merge: the next norm-fused GEMV adds the splits
-    const int col = tile * TILE + threadIdx.x;
-    const Matrix& m = a.mat[mi];
-    if (threadIdx.x < TILE && col < m.n_out)
-      static_cast<float*>(a.out[mi])[(size_t)ks * m.n_out + col] = y[0] + (m.bias && ks == 0 ? __half2float(m.bias[col]) : 0.f);
-    trace_point(a.trace, 5);
-    return;
-  }
   if (nks > 1) {  // the last split of this tile adds every split's partial sums, in order
     float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
     if (threadIdx.x < TILE) {
@@ -685,7 +673,7 @@ Plan plan_gemv(int tiles, int min_chunks, bool can_split) {
 }
 
 template <int TW, int MIN_BLOCKS, bool MULTI = false>
-int launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
+void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   constexpr int TILE = TW * 32;
   const bool gated = a.out_mode == kOutGated;
   const int parts = gated ? 2 : 1;
@@ -694,10 +682,7 @@ int launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
     if (!gated || i == 0) blocks += tiles(a.mat[i], TILE);
     most_chunks = std::max(most_chunks, a.mat[i].n_chunks);
   }
-  if (a.out_mode == kOutPartial)
-    while (splits > 1 && (long long)splits * a.mat[0].n_out > a.out_size) --splits;
-  else
-    while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
+  while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   GemvArgs args = a;
   // Shared memory: the input rows of one split (its chunks hold at most 32 each), scale groups per
   // split with a margin for uneven splits; the rest is the weight window, which holds a block's rows
@@ -716,22 +701,22 @@ int launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   args.trace = trace_region(MULTI ? "tokens" : gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
                             blocks * splits);
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
-  return splits;
 }
 
-int gemv(const GemvArgs& a, cudaStream_t stream) {
+void gemv(const GemvArgs& a, cudaStream_t stream) {
   // Wide tiles (128 columns) for very wide outputs (the head): fewer blocks repeat the prologue.
   const bool wide = a.out_mode != kOutGated && a.n_mats == 1 && a.mat[0].n_out >= 32 * 1024;
   int tiles_total = 0, min_chunks = 1 << 30;
   for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) tiles_total += tiles(a.mat[i], wide ? 128 : 32);
   for (int i = 0; i < a.n_mats; ++i) min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
-  const bool can_split = a.out_mode == kOutPartial ? a.n_mats == 1 : a.partials && a.counters && tiles_total <= a.counters_size;
+  const bool can_split = a.partials && a.counters && tiles_total <= a.counters_size;
   Plan plan = plan_gemv(tiles_total, min_chunks, can_split);
   static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
   if (forced == 2 || forced == 3) plan.min_blocks = forced;  // an experiment knob
   if (wide)
-    return plan.min_blocks == 3 ? launch_gemv<4, 3>(a, plan.splits, stream) : launch_gemv<4, 2>(a, plan.splits, stream);
-  return plan.min_blocks == 3 ? launch_gemv<1, 3>(a, plan.splits, stream) : launch_gemv<1, 2>(a, plan.splits, stream);
+    plan.min_blocks == 3 ? launch_gemv<4, 3>(a, plan.splits, stream) : launch_gemv<4, 2>(a, plan.splits, stream);
+  else
+    plan.min_blocks == 3 ? launch_gemv<1, 3>(a, plan.splits, stream) : launch_gemv<1, 2>(a, plan.splits, stream);
 }
 
 void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,

@@ -33,9 +33,7 @@ struct Matrix {
 };
 
 enum InputMode { kInHalf = 0, kInRmsNorm = 1, kInLayerNorm = 2 };
-// kOutPartial: each K split stores its fp32 partial sums (+ bias in split 0) at out[0] + split * n_out,
-// with no merge: the next norm-fused GEMV adds them to the residual stream (GemvArgs.x_parts).
-enum OutputMode { kOutHalf = 0, kOutResidual = 1, kOutGated = 2, kOutAct = 3, kOutFloat = 4, kOutPartial = 5 };
+enum OutputMode { kOutHalf = 0, kOutResidual = 1, kOutGated = 2, kOutAct = 3, kOutFloat = 4 };
 enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
 struct GemvArgs {
@@ -63,16 +61,10 @@ struct GemvArgs {
   int scale_groups;           // set by the launcher: scale groups a block stages per part, at most
   unsigned long long* trace;  // trace.cuh (set by the launcher)
   int tokens;                 // set by gemv_tokens: tokens of a multi-token pass
-  // Norm modes: the residual stream is x plus n_parts rows of k_in fp32 partial sums (x_parts, written
-  // by a kOutPartial GEMV), added in order; block (0, 0) stores that sum in h_out (for the next reader).
-  const float* x_parts;
-  int n_parts;
-  float* h_out;
-  int out_size;               // kOutPartial: floats out[0] holds (splits x n_out at most)
   int x_span;                 // set by the launcher: input rows of one split, at most (a multiple of 8)
 };
 
-int gemv(const GemvArgs& a, cudaStream_t stream);  // returns the K splits it used
+void gemv(const GemvArgs& a, cudaStream_t stream);
 
 // The same product for a few tokens at once (1 to kMaxTokens): x [tokens, k_in] fp16 in, out
 // [tokens, n_out] fp16 (+ bias); scratch holds 8 x x_len halfs (the inputs of a pass, permuted).

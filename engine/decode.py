@@ -12,7 +12,6 @@ with filters) on first use.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -185,11 +184,7 @@ class TorchDecoder(Decoder):
 
 class FastDecoder(Decoder):
     """The decode step on csrc/'s kernels: per layer a fused norm+QKV GEMV, attention with RoPE and
-    the cache write, O GEMV into the fp32 residual, a fused norm+gate/up GEMV, the down GEMV.
-
-    Deferred residual adds (KODKOD_DEFER_RESIDUAL, on by default): the O and down GEMVs leave each K
-    split's partial sums in `parts` with no merge step, and the next norm-fused GEMV adds them to the
-    residual stream as it reads it, storing the sum in the other of two residual buffers."""
+    the cache write, O GEMV into the fp32 residual, a fused norm+gate/up GEMV, the down GEMV."""
 
     pos_dtype = torch.int32
 
@@ -200,9 +195,6 @@ class FastDecoder(Decoder):
         dev, f16 = self.device, torch.float16
         self.cos, self.sin = model.rope.ensure(max_len)
         self.h = torch.zeros(cfg.hidden_size, device=dev)
-        self.h_other = torch.zeros(cfg.hidden_size, device=dev)
-        self.defer = os.environ.get("KODKOD_DEFER_RESIDUAL", "1") != "0"
-        self.parts = torch.zeros(64 * cfg.hidden_size, device=dev)  # csrc/gemv.cu: at most 64 K splits
         d = cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
         self.qkv = torch.zeros(self.q_size + 2 * self.kv_size, dtype=f16, device=dev)
@@ -229,59 +221,35 @@ class FastDecoder(Decoder):
     def _gemv(self, mats, x, mode, w, b, eps, out_mode, act, outs, out_index=None, direct=False):
         """direct: x already stands in the layers' permuted input order (written with out_index)."""
         handles = [lin.kernel_matrix_direct if direct else lin.kernel_matrix for lin in mats]
-        return self.ext.gemv(handles, x, mode, w, b, eps, out_mode, act, outs, self.partials, self.tile_counters,
-                             out_index)
-
-    def _norm_gemv(self, mats, norm, out_mode, act, outs, out_index=None) -> torch.Tensor:
-        """A norm-fused GEMV reading the residual stream (plus the pending partial sums); returns
-        the buffer that holds the stream afterwards."""
-        mode, w, b, eps = self._norm_args(norm)
-        handles = [lin.kernel_matrix for lin in mats]
-        if not self.defer or not self.pending:
-            self.ext.gemv(handles, self.h, mode, w, b, eps, out_mode, act, outs, self.partials, self.tile_counters,
-                          out_index)
-            return self.h
-        self.ext.gemv(handles, self.h, mode, w, b, eps, out_mode, act, outs, self.partials, self.tile_counters,
-                      out_index, self.parts, self.pending, self.h_other)
-        self.h, self.h_other, self.pending = self.h_other, self.h, 0
-        return self.h
-
-    def _residual_gemv(self, lin, x, direct=False) -> None:
-        """h += lin(x): at once, or left as partial sums for the next norm-fused GEMV."""
-        if self.defer:
-            self.pending = self._gemv([lin], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_PARTIAL, 0, [self.parts],
-                                      direct=direct)
-        else:
-            self._gemv([lin], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h], direct=direct)
+        self.ext.gemv(handles, x, mode, w, b, eps, out_mode, act, outs, self.partials, self.tile_counters, out_index)
 
     def _step(self) -> None:
         ext, m, cfg = self.ext, self.model, self.model.config
-        # the step ends with the stream in the buffer it started in (captured graphs replay the same pointers)
-        start = self.h
-        self.pending = 0
+        gemv = self._gemv
         ext.embed(m.embed_tokens, self.sampler.token, self.h)
         for i, block in enumerate(m.layers):
             a = block.self_attn
-            self._norm_gemv([a.q_proj, a.k_proj, a.v_proj], block.input_layernorm, kernels.OUT_HALF, 0, self.qkv_parts)
+            mode, w, b, eps = self._norm_args(block.input_layernorm)
+            gemv([a.q_proj, a.k_proj, a.v_proj], self.h, mode, w, b, eps, kernels.OUT_HALF, 0, self.qkv_parts)
             ext.decode_attention(self.qkv, self.cache.k[i], self.cache.v[i], self.pos, self.cos, self.sin,
                                  a.q_norm.weight if a.q_norm is not None else None,
                                  a.k_norm.weight if a.k_norm is not None else None,
                                  a.q_norm.eps if a.q_norm is not None else 0.0,
                                  self.attn, self.scratch, self.counters, cfg.num_heads, cfg.num_kv_heads,
                                  self.window, self.splits, self.scale)
-            self._residual_gemv(a.o_proj, self.attn)
-            norm, mlp = block.post_attention_layernorm, block.mlp
+            gemv([a.o_proj], self.attn, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h])
+            mode, w, b, eps = self._norm_args(block.post_attention_layernorm)
+            mlp = block.mlp
             # the MLP's activations stored in the down projection's permuted input order
             down = mlp.down_proj if isinstance(mlp, GatedMLP) else mlp.c_proj
             if isinstance(mlp, GatedMLP):
-                self._norm_gemv([mlp.gate_proj, mlp.up_proj], norm, kernels.OUT_GATED, self.act, [self.mlp],
-                                down.input_order)
+                gemv([mlp.gate_proj, mlp.up_proj], self.h, mode, w, b, eps, kernels.OUT_GATED, self.act, [self.mlp],
+                     down.input_order)
             else:
-                self._norm_gemv([mlp.c_fc], norm, kernels.OUT_ACT, self.act, [self.mlp], down.input_order)
-            self._residual_gemv(down, self.mlp, direct=True)
-        self._norm_gemv([m.lm_head], m.norm, kernels.OUT_FLOAT, 0, [self.logits])
-        if self.h is not start:
-            self.h, self.h_other = self.h_other, self.h
+                gemv([mlp.c_fc], self.h, mode, w, b, eps, kernels.OUT_ACT, self.act, [self.mlp], down.input_order)
+            gemv([down], self.mlp, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [self.h], direct=True)
+        mode, w, b, eps = self._norm_args(m.norm)
+        gemv([m.lm_head], self.h, mode, w, b, eps, kernels.OUT_FLOAT, 0, [self.logits])
         self.sampler(self.logits, self.pos)
 
 

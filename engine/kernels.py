@@ -30,7 +30,7 @@ MIN_CAPABILITY = (7, 5)
 
 # Modes of the gemv kernel (csrc/kodkod.h: InputMode, OutputMode, Activation).
 IN_HALF, IN_RMS_NORM, IN_LAYER_NORM = 0, 1, 2
-OUT_HALF, OUT_RESIDUAL, OUT_GATED, OUT_ACT, OUT_FLOAT, OUT_PARTIAL = 0, 1, 2, 3, 4, 5
+OUT_HALF, OUT_RESIDUAL, OUT_GATED, OUT_ACT, OUT_FLOAT = 0, 1, 2, 3, 4
 ACTIVATION_IDS = {"silu": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2, "relu": 3}
 
 _lock = threading.Lock()

@@ -225,35 +225,6 @@ def test_fused_norm_qkv_gated_and_residual_epilogues(ext, workspace, split):
     assert rel_err(h - h0, reference(down, act)) <= 1e-4
 
 
-@pytest.mark.parametrize("in_f", [896, 4864])
-def test_partial_sums_are_added_by_the_next_norm_gemv(ext, in_f):
-    """kOutPartial leaves each K split's sums (bias once); a norm GEMV adds them to the residual stream in order."""
-    out_f = 896
-    lin = random_layer(ext, out_f, in_f, MIXES[2], seed=in_f)
-    nxt = random_layer(ext, 128, out_f, MIXES[6], seed=in_f + 1)
-    x = torch.randn(in_f, device=DEV).half()
-    parts = torch.full((64 * out_f,), float("nan"), device=DEV)
-    splits = ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_PARTIAL, 0, [parts])
-    assert 1 <= splits <= 64 and (splits > 1 or in_f == 896)
-    y = parts[:splits * out_f].view(splits, out_f)
-    assert rel_err(y.sum(0), reference(lin, x)) <= 1e-5
-
-    h = torch.randn(out_f, device=DEV) * 3
-    h_out = torch.full_like(h, float("nan"))
-    w = (1 + 0.2 * torch.randn(out_f, device=DEV)).half()
-    out = torch.full((128,), float("nan"), device=DEV, dtype=torch.float16)
-    ext.gemv([nxt.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_HALF, 0, [out],
-             x_parts=parts, n_parts=splits, h_out=h_out)
-    stream = h.clone()
-    for s in range(splits):  # the kernel's order
-        stream += y[s]
-    assert torch.equal(h_out, stream)
-    assert rel_err(out, reference(nxt, rms_rounded(stream, w, 1e-6))) <= 2e-3
-    with pytest.raises(RuntimeError, match="h_out must not be x"):
-        ext.gemv([nxt.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_HALF, 0, [out],
-                 x_parts=parts, n_parts=splits, h_out=h)
-
-
 def test_layer_norm_prologue_and_activation_epilogue(ext):
     k = 192
     fc = random_layer(ext, 300, k, MIXES[3], seed=40)
