@@ -32,7 +32,7 @@ namespace {
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kRows = 16;         // query heads of a block: the mma's m
 constexpr int kMaxChunk = 256;    // positions a split stages, at most
-constexpr int kSplitLen = 128;    // positions per split where a context needs several
+constexpr int kSplitLen = 64;     // positions per split where a context needs several
 constexpr int kSmemBudget = 112 * 1024;
 
 __device__ __forceinline__ float round_half(float v) { return __half2float(__float2half(v)); }
