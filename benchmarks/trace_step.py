@@ -35,19 +35,20 @@ def analyse(names: list[str], stamps: torch.Tensor) -> list[dict]:
         blocks = min(int(name.rsplit("/", 1)[1]), s.shape[0])
         s = s[:blocks].double() / 1000.0  # ns -> us
         p = [s[:, i] for i in range(s.shape[1])]
-        have = lambda i: p[i][p[i] > 0]  # noqa: E731 (points a block may skip: 3, 4 in sample)
+        # points a block may skip: 3, 4 in sample; 1-4 in attention's splits past the context
+        have = lambda i: p[i][p[i] > 0]  # noqa: E731
         end = float(p[5].max())
         row = {"name": name.rsplit("/", 1)[0], "blocks": blocks}
         if prev_end is not None:
             row["launch"] = float(p[0].min()) - prev_end
-            row["wait"] = float(p[2].min()) - prev_end
+            row["wait"] = float(have(2).min()) - prev_end
             row["span"] = end - prev_end
         if len(have(3)) and len(have(4)):
-            row["input"] = float((have(3) - p[2][p[3] > 0]).median())
+            row["input"] = float((have(3) - p[2][p[3] > 0]).median())  # blocks that pass 3 passed 2
             row["compute"] = float((have(4) - have(3)).median())
             row["tail"] = end - float(have(4).median())
         else:
-            row["tail"] = end - float(p[2].min())
+            row["tail"] = end - float(have(2).min())
         row["pre"] = float((p[1][p[1] > 0] - p[0][p[1] > 0]).median()) if len(have(1)) else 0.0
         rows.append(row)
         prev_end = end
