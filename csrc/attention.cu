@@ -338,7 +338,7 @@ void launch_attention(AttentionArgs a, dim3 grid, cudaStream_t stream) {
 }  // namespace
 
 // Positions a block can stage: up to kMaxChunk, as shared memory allows (a multiple of 16).
-int attention_chunk(int d) {
+static int attention_chunk(int d) {
   static const int optin = [] {
     int dev = 0, bytes = 0;
     cudaGetDevice(&dev);

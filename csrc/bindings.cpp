@@ -191,7 +191,6 @@ void decode_attention(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor v_
   a.kv_heads = static_cast<int>(kv_heads);
   a.d = static_cast<int>(d);
   a.rot_dim = static_cast<int>(cos.size(1));
-  a.max_len = static_cast<int>(k_cache.size(0));
   a.window = static_cast<int>(window);
   a.splits = static_cast<int>(splits);
   a.scale = static_cast<float>(scale);

@@ -89,7 +89,7 @@ struct AttentionArgs {
   half* out;              // [heads*d]
   float* scratch;         // [heads, splits, d + 4] partial results: weighted values, max, sum (16-byte rows)
   int* counters;          // [heads] zeroed once; each launch leaves them zero again
-  int heads, kv_heads, d, rot_dim, max_len, window, splits;
+  int heads, kv_heads, d, rot_dim, window, splits;
   int chunk;              // set by the launcher: positions a block stages (attention_chunk)
   int split_len;          // set by the launcher: positions per split where a context exceeds chunk
   float scale;
@@ -97,7 +97,6 @@ struct AttentionArgs {
 };
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
-int attention_chunk(int head_dim);                 // positions a block stages
 int attention_splits(int max_len, int head_dim);  // splits (and scratch rows per head) a cache needs
 
 struct SampleArgs {

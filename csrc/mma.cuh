@@ -49,9 +49,4 @@ __device__ __forceinline__ void ldmatrix2(uint32_t (&r)[2], const void* row) {
                  : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(row)));
 }
 
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-
 }  // namespace kodkod
