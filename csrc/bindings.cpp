@@ -57,12 +57,6 @@ MatrixHandle make_matrix(torch::Tensor q_weight, c10::optional<torch::Tensor> q_
   h.m.q_weight = ptr<const uint32_t>(q_weight);
   h.m.q_scale = opt_ptr<uint32_t>(q_scale, torch::kInt32, "q_scale");
   h.m.q_scale_max = opt_ptr<half>(q_scale_max, torch::kHalf, "q_scale_max");
-  if (q_scale_max.has_value() && q_scale_max->numel() % 2) {  // the GEMV copies the maxima in pairs
-    auto padded = torch::zeros({q_scale_max->numel() + 1}, q_scale_max->options());
-    padded.narrow(0, 0, q_scale_max->numel()).copy_(*q_scale_max);
-    h.keep.push_back(padded);
-    h.m.q_scale_max = ptr<const half>(padded);
-  }
   h.m.chunks = ptr<const int4>(chunks);
   h.m.perm = opt_ptr<int>(perm, torch::kInt32, "perm");
   if (perm.has_value()) {  // 16-bit rows for the GEMV to copy into shared memory, padded to a multiple of 8

@@ -260,7 +260,7 @@ struct Smem {
   half* norm_w;
   half* norm_b;
   uint32_t* codes;  // per part a.scale_groups rows of tile_cols / 8 scale-code words
-  half* smax;       // per part smax_stride(a) halfs: group maxima copied in pairs (4-byte copies)
+  half* smax;       // per part a.scale_groups group maxima
   float* red;       // [slices, tokens, tile_cols]: the warps' sums
   char* w;          // the weight window: a.window bytes, split evenly between the parts
 };
@@ -270,8 +270,6 @@ __host__ __device__ inline int part_stride(const GemvArgs& a) {
   for (int i = 0; i < (a.out_mode == kOutGated ? 1 : a.n_mats); ++i) s = max(s, (a.mat[i].x_len + 7) / 8 * 8);
   return s;
 }
-
-__host__ __device__ inline int smax_stride(const GemvArgs& a) { return (a.scale_groups + 3) & ~1; }
 
 __host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, bool multi, Smem* layout = nullptr,
                                              char* base = nullptr) {
@@ -284,7 +282,7 @@ __host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, b
                nw = h + sizeof(float) * k_pad, nb = nw + sizeof(half) * k_pad,
                codes = (nb + (a.in_mode == kInLayerNorm ? sizeof(half) * k_pad : 0) + 15) / 16 * 16,
                smax = codes + sizeof(uint32_t) * parts * a.scale_groups * (tile_cols / 8),
-               red = (smax + sizeof(half) * parts * smax_stride(a) + 15) / 16 * 16,
+               red = (smax + sizeof(half) * parts * a.scale_groups + 15) / 16 * 16,
                w = red + sizeof(float) * slices * (multi ? kPassTokens : 1) * tile_cols;
   if (layout)
     *layout = Smem{reinterpret_cast<half*>(base + xs), reinterpret_cast<uint16_t*>(base + perm),
@@ -411,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       }
     }
     p[j].codes = sm.codes + j * a.scale_groups * (TILE / 8);
-    p[j].smax = sm.smax + j * smax_stride(a) + (p[j].g_lo & 1);  // pairs start at even groups
+    p[j].smax = sm.smax + j * a.scale_groups;
     p[j].row_bytes = TILE * (m.q_scale ? 4 : 2);
     p[j].w = sm.w + j * (a.window / parts);
     p[j].r_hi = min(p[j].r_end, p[j].r_lo + (a.window / parts) / p[j].row_bytes);
@@ -435,11 +433,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     if (m.perm16 && !MULTI)  // 4 rows per copy; chunk boundaries are multiples of 4 rows, the table is padded to 8
       for (int k = p[j].k_lo + 4 * (int)threadIdx.x; k < min(p[j].k_hi, m.k); k += 4 * blockDim.x)
         copy8(sm.perm + j * a.x_span + (k - p[j].k_lo), m.perm16 + k);
-    // 16-byte pieces of a staged row: a power of two (TILE 32 or 128 columns of 2 or 4 bytes)
-    const int pieces = p[j].row_bytes / 16, shift = 31 - __clz(pieces), elem = m.q_scale ? 4 : 2;
+    const int pieces = p[j].row_bytes / 16, elem = m.q_scale ? 4 : 2;
     const char* src = reinterpret_cast<const char*>(m.q_weight) + (size_t)tile * TILE * elem;
     for (int i = threadIdx.x; i < (p[j].r_hi - p[j].r_lo) * pieces; i += blockDim.x) {
-      const int r = i >> shift, c = i & (pieces - 1);
+      const int r = i / pieces, c = i % pieces;
       if (tile * TILE + c * 16 / elem < m.n)
         copy16(p[j].w + r * p[j].row_bytes + c * 16, src + ((size_t)(p[j].r_lo + r) * m.n) * elem + c * 16);
     }
@@ -449,9 +446,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
         copy16(p[j].codes + g * (TILE / 8) + c * 4,
                m.q_scale + (size_t)(p[j].g_lo + g) * (m.n / 8) + tile * (TILE / 8) + c * 4);
     }
-    if (p[j].g_n)  // whole pairs of halfs (make_matrix pads the maxima to an even count)
-      for (int i = threadIdx.x; i < (p[j].g_lo + p[j].g_n + 1) / 2 - p[j].g_lo / 2; i += blockDim.x)
-        copy4(sm.smax + j * smax_stride(a) + 2 * i, m.q_scale_max + 2 * (p[j].g_lo / 2 + i));
+    for (int i = threadIdx.x; i < p[j].g_n; i += blockDim.x) p[j].smax[i] = m.q_scale_max[p[j].g_lo + i];
     if (L.col < m.n)
       for (int r = p[j].r_hi + slice; r < p[j].r_end; r += SLICES)  // beyond the window: toward L2
         if (L.lane == 0) prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + L.col) * elem);
