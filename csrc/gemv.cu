@@ -156,12 +156,6 @@ struct Lane {
   const half* x;  // inputs in permuted row order: the token of this lane's n
 };
 
-// Word j of an EXL2 chunk starting at packed row r.
-__device__ __forceinline__ uint32_t chunk_word(const Matrix& m, const Part& p, int r, const Lane& L) {
-  if (r < p.r_hi) return *reinterpret_cast<const uint32_t*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + (L.sub * 32 + L.lane) * 4);
-  return __ldg(m.q_weight + (size_t)r * m.n + L.col + L.lane);
-}
-
 // Dense row r, the lane's 4 columns.
 __device__ __forceinline__ uint2 dense_row(const Matrix& m, const Part& p, int r, const Lane& L) {
   if (r < p.r_hi) return *reinterpret_cast<const uint2*>(p.w + (size_t)(r - p.r_lo) * p.row_bytes + (L.sub * 32 + 4 * L.g) * 2);
@@ -176,13 +170,22 @@ __device__ __forceinline__ void inputs(const Lane& L, int k, uint32_t (&b)[2]) {
 
 // acc: per mma (lane columns 0-1, 2-3) the C fragment: [0] column 2m, n = 2t; [1] n = 2t + 1;
 // [2], [3] column 2m + 1. Per chunk the integer products are summed exactly in fp32, then scaled.
-template <int B>
+// The chunk's words come from the shared-memory window (rows of TILE words: constant offsets) or,
+// past it, from global memory: one check per chunk, not per word.
+template <int B, int TILE>
 __device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
                                            const float (&scale)[4], float (&acc)[2][4]) {
   constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
   uint32_t w[W], a[8 * S], b[S][2];
+  if (meta.x + W <= p.r_hi) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(p.w) + (meta.x - p.r_lo) * TILE + L.sub * 32 + L.lane;
 #pragma unroll
-  for (int j = 0; j < W; ++j) w[j] = chunk_word(m, p, meta.x + j, L);
+    for (int j = 0; j < W; ++j) w[j] = src[j * TILE];
+  } else {
+    const uint32_t* src = m.q_weight + (size_t)meta.x * m.n + L.col + L.lane;
+#pragma unroll
+    for (int j = 0; j < W; ++j) w[j] = __ldg(src + (size_t)j * m.n);
+  }
 #pragma unroll
   for (int s = 0; s < S; ++s) inputs(L, meta.y + 16 * s, b[s]);
   decode_pairs<B>(w, a);
@@ -220,22 +223,23 @@ __device__ __forceinline__ void dense_chunk(const Matrix& m, const Part& p, int4
   mma_step(acc, a, b);
 }
 
+template <int TILE>
 __device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
                                               float (&acc)[2][4]) {
   if (meta.w == kDenseBits) return dense_chunk(m, p, meta, L, acc);
   float scale[4];
   const int g = meta.z - p.g_lo, col0 = L.col + 4 * L.g;
   if (g >= 0 && g < p.g_n)
-    group_scales(p.codes[g * (p.row_bytes / 32) + L.sub * 4 + L.g / 2], p.smax[g], col0, scale);
+    group_scales(p.codes[g * (TILE / 8) + L.sub * 4 + L.g / 2], p.smax[g], col0, scale);
   else
     group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
   switch (meta.w) {
-    case 2: exl2_chunk<2>(m, p, meta, L, scale, acc); break;
-    case 3: exl2_chunk<3>(m, p, meta, L, scale, acc); break;
-    case 4: exl2_chunk<4>(m, p, meta, L, scale, acc); break;
-    case 5: exl2_chunk<5>(m, p, meta, L, scale, acc); break;
-    case 6: exl2_chunk<6>(m, p, meta, L, scale, acc); break;
-    default: exl2_chunk<8>(m, p, meta, L, scale, acc); break;
+    case 2: exl2_chunk<2, TILE>(m, p, meta, L, scale, acc); break;
+    case 3: exl2_chunk<3, TILE>(m, p, meta, L, scale, acc); break;
+    case 4: exl2_chunk<4, TILE>(m, p, meta, L, scale, acc); break;
+    case 5: exl2_chunk<5, TILE>(m, p, meta, L, scale, acc); break;
+    case 6: exl2_chunk<6, TILE>(m, p, meta, L, scale, acc); break;
+    default: exl2_chunk<8, TILE>(m, p, meta, L, scale, acc); break;
   }
 }
 
@@ -496,8 +500,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * a.x_span - p[j].k_lo;
     float acc[2][4] = {};
     if (L.col < m.n)
-#pragma unroll 2
-      for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES) compute_chunk(m, p[j], chunks[j][i], L, acc);
+      for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES) compute_chunk<TILE>(m, p[j], chunks[j][i], L, acc);
     const int c = L.sub * 32 + 4 * L.g;
     if constexpr (MULTI) {
       float* r = sm.red + slice * kPassTokens * TILE;
@@ -534,6 +537,15 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   }
   trace_point(a.trace, 4);
 
+  if (nks > 1 && a.out_mode == kOutResidualAtomic) {  // each split adds its own sums; bias from split 0 only
+    const int col = tile * TILE + threadIdx.x;
+    if (threadIdx.x < TILE && col < a.mat[mi].n_out) {
+      const Matrix& m = a.mat[mi];
+      atomicAdd(static_cast<float*>(a.out[mi]) + col, y[0] + (m.bias && ks == 0 ? __half2float(m.bias[col]) : 0.f));
+    }
+    trace_point(a.trace, 5);
+    return;
+  }
   if (nks > 1) {  // the last split of this tile adds every split's partial sums, in order
     float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
     if (threadIdx.x < TILE) {
@@ -684,6 +696,11 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   }
   while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   GemvArgs args = a;
+  // A split residual add: each split adds its partial sums into the fp32 residual stream with
+  // atomics (no merge: no second pass, counter or fence); the order of the splits' adds varies, so
+  // the stream may differ in its last bits from run to run. KODKOD_GEMV_ORDERED=1: the ordered merge.
+  static const bool ordered = [] { const char* e = std::getenv("KODKOD_GEMV_ORDERED"); return e && e[0] == '1'; }();
+  if (a.out_mode == kOutResidual && splits > 1 && !ordered) args.out_mode = kOutResidualAtomic;
   // Shared memory: the input rows of one split (its chunks hold at most 32 each), scale groups per
   // split with a margin for uneven splits; the rest is the weight window, which holds a block's rows
   // where it can (each part's share of its packed rows, a margin for chunk boundaries and uneven bit

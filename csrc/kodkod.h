@@ -33,7 +33,8 @@ struct Matrix {
 };
 
 enum InputMode { kInHalf = 0, kInRmsNorm = 1, kInLayerNorm = 2 };
-enum OutputMode { kOutHalf = 0, kOutResidual = 1, kOutGated = 2, kOutAct = 3, kOutFloat = 4 };
+// kOutResidualAtomic: set by the launcher for a residual add split over K (each split adds its own).
+enum OutputMode { kOutHalf = 0, kOutResidual = 1, kOutGated = 2, kOutAct = 3, kOutFloat = 4, kOutResidualAtomic = 5 };
 enum Activation { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
 struct GemvArgs {

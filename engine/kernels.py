@@ -25,7 +25,7 @@ log = logging.getLogger("kodkod.kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu", "trace.cu")
-HEADERS = ("kodkod.h", "launch.cuh", "trace.cuh")
+HEADERS = ("kodkod.h", "launch.cuh", "trace.cuh", "mma.cuh")
 MIN_CAPABILITY = (7, 5)
 
 # Modes of the gemv kernel (csrc/kodkod.h: InputMode, OutputMode, Activation).
