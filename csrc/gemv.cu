@@ -80,20 +80,35 @@ __host__ __device__ constexpr PairCode pair_code(int B, int p) {
                   BH > 0, BH ? fp16_exact(c_two) : fp16_exact(c_one)};
 }
 
+// (x & MASK) | exponent in one lop3: the exponent lives in a register (a lop3 takes one immediate).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t mask_or(uint32_t x, uint32_t exponent) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(x), "n"(MASK), "r"(exponent));
+  return d;
+}
+
 template <int B, int p = 0>
-__device__ __forceinline__ void decode_pairs(const uint32_t* w, uint32_t* a) {
+__device__ __forceinline__ void decode_pairs(const uint32_t* w, uint32_t* a, uint32_t exponent) {
   if constexpr (p < chunk_values(B) / 2) {
     constexpr PairCode Q = pair_code(B, p);
     static_assert(Q.exact, "a decode constant fp16 cannot hold");
-    const uint32_t lo = ((w[Q.lo_word] >> Q.lo_shift) & Q.lo_mask) | 0x64006400u;
+    const uint32_t lo = mask_or<Q.lo_mask>(w[Q.lo_word] >> Q.lo_shift, exponent);
     if constexpr (!Q.two_planes) {
       a[p] = hfma2(lo, Q.lo_mul, Q.lo_add);
     } else {
-      const uint32_t hi = ((w[Q.hi_word] >> Q.hi_shift) & Q.hi_mask) | 0x64006400u;
+      const uint32_t hi = mask_or<Q.hi_mask>(w[Q.hi_word] >> Q.hi_shift, exponent);
       a[p] = hfma2(lo, Q.lo_mul, hfma2(hi, Q.hi_mul, Q.hi_add));
     }
-    decode_pairs<B, p + 1>(w, a);
+    decode_pairs<B, p + 1>(w, a, exponent);
   }
+}
+
+// 0x6400 in both halves: 1024 as fp16, the exponent a mask puts each value under.
+__device__ __forceinline__ uint32_t fp16_1024x2() {
+  uint32_t r;
+  asm volatile("mov.b32 %0, 0x64006400;" : "=r"(r));  // volatile: kept in a register, not folded back into an immediate
+  return r;
 }
 
 // The two mmas of k-step s over the lane's pairs a: columns (0, 1) into d[0], (2, 3) into d[1].
@@ -188,7 +203,7 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 
   }
 #pragma unroll
   for (int s = 0; s < S; ++s) inputs(L, meta.y + 16 * s, b[s]);
-  decode_pairs<B>(w, a);
+  decode_pairs<B>(w, a, fp16_1024x2());
   float d[2][4] = {};
 #pragma unroll
   for (int s = 0; s < S; ++s) mma_step(d, a + 8 * s, b[s]);
@@ -587,7 +602,7 @@ __device__ void dequant_chunk(const Matrix& m, int4 meta, int col, int lane, hal
   uint32_t w[W], a[8 * S];
 #pragma unroll
   for (int j = 0; j < W; ++j) w[j] = __ldg(m.q_weight + (size_t)(meta.x + j) * m.n + col + lane);
-  decode_pairs<B>(w, a);
+  decode_pairs<B>(w, a, fp16_1024x2());
   float scale[4];
   group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
 #pragma unroll

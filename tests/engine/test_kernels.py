@@ -199,8 +199,10 @@ def rms_rounded(h, w, eps):
 
 @pytest.mark.parametrize("split", [False, True])
 def test_fused_norm_qkv_gated_and_residual_epilogues(ext, workspace, split):
+    """K long enough that the launcher splits every product when it may (40 and 80 chunks): the
+    ordered merge of the fp16 and gated outputs, the atomic adds of the residual's splits."""
     ws = workspace if split else (None, None)
-    k, inter = 256, 640
+    k, inter = 1280, 2560
     q, kk, v = (random_layer(ext, n, k, MIXES[i], seed=10 + i) for i, n in enumerate((256, 64, 64)))
     gate, up = (random_layer(ext, inter, k, MIXES[6], seed=20 + i, bias=False) for i in range(2))
     down = random_layer(ext, k, inter, MIXES[2], seed=30)
