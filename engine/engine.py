@@ -77,6 +77,11 @@ class Engine:
                 if isinstance(m, EXL2Linear):
                     m.weight  # noqa: B018
             self.decoder = TorchDecoder(model, self.cache, self.sampler, use_graphs=device.type == "cuda")
+        # Launch the decode step after a token before that token is handed out, so the GPU computes
+        # the next one while the caller (the server's worker, the HTTP response) deals with this one.
+        # On a GPU a step is an asynchronous graph replay; on the CPU it would be computed up front
+        # (slower to the first use of the token, and wasted when the caller stops): off there.
+        self.launch_ahead = self.decoder.use_graphs
 
     def _choose_backend(self, asked: str) -> tuple[str, str | None]:
         """("cuda" | "torch", why not cuda). "cuda" must work when asked for by name."""
@@ -143,7 +148,9 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        """Yield TokenEvents lazily: each `next()` runs at most one forward pass."""
+        """Yield TokenEvents lazily: each `next()` runs at most one forward pass. With launch_ahead (on a
+        GPU) that pass is the step after the token being handed out, launched before it is yielded and
+        read at the next `next()`; a caller that stops has made at most one step more."""
         prompt_ids = self._check_ids(prompt_ids)
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the {self.max_seq_len}-token context")
@@ -160,6 +167,7 @@ class Engine:
             stops = StopStrings(params.stop_strings)
             lookup = PromptLookup(prompt_ids) if self.draft_tokens > 0 else None
             pending: list[int] = []  # tokens one forward pass made that are not yielded yet
+            launched = False  # the plain decode step after `token` is already on the GPU (launch_ahead)
             finish = "length"
             for i in range(params.max_new_tokens):
                 if cancel is not None and cancel.is_set():
@@ -169,11 +177,15 @@ class Engine:
                     if i == 0:
                         self._prefill(prompt_ids)
                         pending = [int(self.sampler.token.item())]
+                        self.decode_steps += 1
+                    elif launched:
+                        pending = [self._collect(token)]
+                        launched = False
                     else:
                         if len(self.cache.ids) >= self.max_seq_len:
                             break
                         pending = self._step(token, lookup, params.max_new_tokens - i)
-                    self.decode_steps += 1
+                        self.decode_steps += 1
                 token = pending.pop(0)
                 if lookup is not None:
                     lookup.push(token)
@@ -181,6 +193,11 @@ class Engine:
                     finish = "stop"
                     break
                 text, stopped = stops.feed(decoder.push(token))
+                if (self.launch_ahead and lookup is None and not pending and not stopped
+                        and i + 1 < params.max_new_tokens and len(self.cache.ids) < self.max_seq_len):
+                    self.decoder.decode()  # the step after `token`; its draw is read at the next next()
+                    self.decode_steps += 1
+                    launched = True
                 yield TokenEvent(token, text)
                 if stopped:
                     finish = "stop"
@@ -203,6 +220,11 @@ class Engine:
         if self.reuse_prompts:
             self.kv_pool.save(ids, self.cache)
 
+    def _collect(self, last: int) -> int:
+        """The draw of the decode step launched after `last` (waits for it)."""
+        self.cache.ids.append(last)
+        return int(self.sampler.token.item())
+
     def _step(self, last: int, lookup: PromptLookup | None, left: int) -> list[int]:
         """One forward pass after `last` (the token the previous draw made): a plain decode step, or
         `last` plus a prompt-lookup draft verified at once. Returns the new tokens (at least one)."""
@@ -210,8 +232,7 @@ class Engine:
         draft = lookup.draft(room) if lookup is not None and room > 0 else []
         if not draft:
             self.decoder.decode()
-            self.cache.ids.append(last)
-            return [int(self.sampler.token.item())]
+            return [self._collect(last)]
         logits = self.decoder.verify([last] + draft)
         new = self.decoder.accept(draft, logits)
         self.cache.ids += [last] + draft[:len(new) - 1]  # the rows a rejected draft left are not the cache's

@@ -68,6 +68,48 @@ def test_generation_is_lazy_and_cancel_stops_within_one_step(engine, golden):
     assert first.finish_reason is None
 
 
+def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden):
+    """The GPU's launch-ahead (the step after a token is launched before the token is handed out),
+    forced on the CPU: the same events for greedy, sampled, stop-token, stop-string, length- and
+    context-limited generations; at most one step ahead of the consumer; a stream dropped with a step
+    in flight leaves the cache's ids exact."""
+    ahead = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu")
+    assert not ahead.launch_ahead  # off on the CPU
+    ahead.launch_ahead = True
+    prompt = golden["input_ids"].tolist()[:16]
+    free = [e.token_id for e in engine.generate(prompt, GenerationParams(max_new_tokens=24, stop_token_ids=()))]
+    text = engine.tokenizer.decode([t for t in free if t is not None])
+    cases = [GenerationParams(max_new_tokens=20), GenerationParams(max_new_tokens=1),
+             GenerationParams(max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, repetition_penalty=1.2),
+             GenerationParams(max_new_tokens=20, stop_token_ids=(free[5],)),
+             GenerationParams(max_new_tokens=24, stop_strings=(text[8:11],))]
+    for params in cases:
+        assert list(ahead.generate(prompt, params)) == list(engine.generate(prompt, params)), params
+        assert ahead.cache.ids == engine.cache.ids
+
+    cancel = threading.Event()
+    stream = ahead.generate(prompt, GenerationParams(max_new_tokens=40, stop_token_ids=()), cancel)
+    before = ahead.decode_steps
+    next(stream)
+    assert ahead.decode_steps == before + 2  # the prompt, and the step after the first token
+    cancel.set()
+    at_signal = ahead.decode_steps
+    assert list(stream)[-1].finish_reason == "cancelled"
+    assert ahead.decode_steps == at_signal
+
+    stream = ahead.generate(prompt, GenerationParams(max_new_tokens=30))
+    next(stream), next(stream)
+    stream.close()  # a step in flight, never read
+    assert list(ahead.generate(prompt, cases[0])) == list(engine.generate(prompt, cases[0]))
+    assert ahead.cache.ids == engine.cache.ids
+
+    short = [load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", max_seq_len=24) for _ in range(2)]
+    short[1].launch_ahead = True
+    a, b = (list(e.generate(prompt, GenerationParams(max_new_tokens=20, stop_token_ids=()))) for e in short)
+    # the prompt's draw, one token per free row of the 24-row context, then the finish event
+    assert a == b and len(a) == 1 + (24 - 16) + 1
+
+
 def test_cancel_from_another_thread(engine, golden):
     prompt = golden["input_ids"].tolist()[:20]
     cancel = threading.Event()
