@@ -7,7 +7,7 @@ import torch
 from engine import GenerationParams, exl2, load_model
 from engine.convert.quant import Mix, make_groups, rtn
 from engine import kernel_layout
-from engine.linear import EXL2Linear
+from engine.linear import EXL2Linear, linear
 from engine.sampling import Sampler, apply_repetition_penalty, draw, filter_logits, filter_threshold, gumbel_noise
 from tests.conftest import fixture_dir
 
@@ -54,6 +54,18 @@ def test_exl2_linear_twin_is_dequantize_then_matmul(mix):
     ref = x.double() @ exl2.dequantize(t, 100).double().T + bias.double()
     assert torch.allclose(lin(x).double(), ref, rtol=1e-4, atol=1e-4)
     assert lin.dequantized().shape == (100, 256)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_of_a_few_rows_equals_f_linear(rows, bias):
+    """The CPU's few-row path (W x^T, for a speculative verify pass) computes x W^T + b."""
+    g = torch.Generator().manual_seed(rows)
+    w, x = torch.randn(300, 96, generator=g), torch.randn(rows, 96, generator=g)
+    b = torch.randn(300, generator=g) if bias else None
+    y = linear(x, w, b)
+    assert y.shape == (rows, 300) and y.is_contiguous()
+    assert torch.allclose(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_exl2_layers_are_format_errors():
