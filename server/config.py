@@ -88,8 +88,9 @@ class ServerConfig(BaseModel):
     kv_pool_mb: int = Field(512, ge=0, le=1_000_000, description="memory (MiB, on the model's device) for the "
                             "KV rows of recent prompts, so a prompt sharing its start with one of them prefills "
                             "only the rest; 0: reuse only the previous prompt's")
-    draft_tokens: int = Field(0, ge=0, le=32, description="prompt-lookup speculative decoding: longest draft "
-                              "verified per forward pass; 0: off")
+    draft_tokens: int | None = Field(None, ge=0, le=32, description="prompt-lookup speculative decoding: "
+                                     "longest draft verified per forward pass; 0: off; default: 4 on the CPU, "
+                                     "off on a GPU")
 
     @field_validator("upstreams", mode="before")
     @classmethod

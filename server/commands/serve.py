@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-model", help="model name to ask the upstreams for (default: the one they list)")
     p.add_argument("--upstream-token", help="bearer token for the upstreams")
     p.add_argument("--kv-pool-mb", type=int, help="memory for recent prompts' KV rows, MiB (default 512; 0: off)")
-    p.add_argument("--draft-tokens", type=int, help="prompt-lookup speculative decoding: longest draft (default 0: off)")
+    p.add_argument("--draft-tokens", type=int, help="prompt-lookup speculative decoding: longest draft (0: off; default 4 on the CPU, off on a GPU)")
 
 
 def resolve_model(name: str | None, home: Path, device: str = "auto", engine: str = "local") -> Path:

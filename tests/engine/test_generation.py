@@ -73,7 +73,7 @@ def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden):
     forced on the CPU: the same events for greedy, sampled, stop-token, stop-string, length- and
     context-limited generations; at most one step ahead of the consumer; a stream dropped with a step
     in flight leaves the cache's ids exact."""
-    ahead = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu")
+    ahead = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", draft_tokens=0)  # plain decoding's steps
     assert not ahead.launch_ahead  # off on the CPU
     ahead.launch_ahead = True
     prompt = golden["input_ids"].tolist()[:16]
@@ -103,7 +103,8 @@ def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden):
     assert list(ahead.generate(prompt, cases[0])) == list(engine.generate(prompt, cases[0]))
     assert ahead.cache.ids == engine.cache.ids
 
-    short = [load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", max_seq_len=24) for _ in range(2)]
+    short = [load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", max_seq_len=24, draft_tokens=0)
+             for _ in range(2)]
     short[1].launch_ahead = True
     a, b = (list(e.generate(prompt, GenerationParams(max_new_tokens=20, stop_token_ids=()))) for e in short)
     # the prompt's draw, one token per free row of the 24-row context, then the finish event

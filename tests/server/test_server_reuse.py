@@ -14,7 +14,7 @@ TINY = "llama-tiny-4.0bpw"
 
 def test_reuse_switches_from_every_source(tmp_path):
     c = load_config({}, env={})
-    assert (c.kv_pool_mb, c.draft_tokens) == (512, 0)
+    assert (c.kv_pool_mb, c.draft_tokens) == (512, None)  # None: the engine's default for its device
     c = load_config({}, env={"KODKOD_KV_POOL_MB": "64", "KODKOD_DRAFT_TOKENS": "6"})
     assert (c.kv_pool_mb, c.draft_tokens) == (64, 6)
     c = load_config({"kv_pool_mb": 0, "draft_tokens": None}, env={"KODKOD_DRAFT_TOKENS": "6"})
