@@ -239,6 +239,52 @@ void embed(torch::Tensor table, torch::Tensor token, torch::Tensor out) {
   check_launch();
 }
 
+void rms_norm_rows(torch::Tensor x, torch::Tensor w, torch::Tensor out, double eps) {
+  check(x, torch::kHalf, "x");
+  check(w, torch::kHalf, "w");
+  check(out, torch::kHalf, "out");
+  TORCH_CHECK(x.dim() == 2 && w.numel() == x.size(1) && out.sizes() == x.sizes(), "x, out [rows, hidden]; w [hidden]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  kodkod::rms_norm_rows(ptr<const half>(x), ptr<const half>(w), ptr<half>(out), static_cast<int>(x.size(0)),
+                        static_cast<int>(x.size(1)), static_cast<float>(eps), stream());
+  check_launch();
+}
+
+void rope_write(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                torch::Tensor pos, torch::Tensor k_cache, torch::Tensor v_cache) {
+  check(q, torch::kHalf, "q");
+  check(k, torch::kHalf, "k");
+  check(v, torch::kHalf, "v");
+  check(cos, torch::kHalf, "cos");
+  check(sin, torch::kHalf, "sin");
+  check(k_cache, torch::kHalf, "k_cache");
+  check(v_cache, torch::kHalf, "v_cache");
+  check(pos, torch::kInt64, "pos");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && k_cache.dim() == 3 &&
+                  k_cache.sizes() == v_cache.sizes(), "q [T, heads, d]; k, v [T, kv_heads, d]; caches [len, kv_heads, d]");
+  const int64_t t = q.size(0), d = q.size(2), rot = cos.size(-1);
+  TORCH_CHECK(k.size(0) == t && k.size(2) == d && k_cache.size(1) == k.size(1) && k_cache.size(2) == d &&
+                  pos.numel() == t && cos.numel() == t * rot && sin.numel() == t * rot && rot % 2 == 0 && rot <= d,
+              "shapes do not agree");
+  const c10::cuda::CUDAGuard guard(q.device());
+  kodkod::RopeWriteArgs a{};
+  a.q = ptr<half>(q);
+  a.k = ptr<const half>(k);
+  a.v = ptr<const half>(v);
+  a.cos = ptr<const half>(cos);
+  a.sin = ptr<const half>(sin);
+  a.pos = ptr<const int64_t>(pos);
+  a.k_cache = ptr<half>(k_cache);
+  a.v_cache = ptr<half>(v_cache);
+  a.tokens = static_cast<int>(t);
+  a.heads = static_cast<int>(q.size(1));
+  a.kv_heads = static_cast<int>(k.size(1));
+  a.d = static_cast<int>(d);
+  a.rot_dim = static_cast<int>(rot);
+  kodkod::rope_write(a, stream());
+  check_launch();
+}
+
 // Trace builds: the launches recorded since trace_reset(), and their timestamps [launches, blocks, points].
 pybind11::tuple trace_read() {
   const int n = kodkod::trace_launches();
@@ -264,6 +310,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_splits", &kodkod::attention_splits);
   m.def("sample", &sample);
   m.def("embed", &embed);
+  m.def("rms_norm_rows", &rms_norm_rows);
+  m.def("rope_write", &rope_write);
   m.def("trace_reset", &kodkod::trace_reset);
   m.def("trace_read", &trace_read);
 }

@@ -126,4 +126,22 @@ const char* trace_name(int launch);
 
 void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream);
 
+// The prompt's T-token forward (prefill.cu): RMSNorm of `rows` rows of x [rows, hidden] into out;
+// RoPE of q (in place) and k, with k and v written into the cache rows at device positions.
+void rms_norm_rows(const half* x, const half* w, half* out, int rows, int hidden, float eps, cudaStream_t stream);
+
+struct RopeWriteArgs {
+  half* q;                      // [tokens, heads, d], rotated in place
+  const half* k;                // [tokens, kv_heads, d]
+  const half* v;
+  const half* cos;              // [tokens, rot_dim]: each token's table row
+  const half* sin;
+  const int64_t* pos;           // [tokens] cache rows
+  half* k_cache;                // this layer's [max_len, kv_heads, d]
+  half* v_cache;
+  int tokens, heads, kv_heads, d, rot_dim;
+};
+
+void rope_write(const RopeWriteArgs& a, cudaStream_t stream);
+
 }  // namespace kodkod

@@ -18,11 +18,15 @@ import torch
 from . import kernels
 from .kv_cache import KVCache
 from .linear import DequantScratch, EXL2Linear, Linear
-from .model import GatedMLP, LayerNorm, RMSNorm, Transformer
+from .model import Attention, GatedMLP, LayerNorm, RMSNorm, Transformer
 from .sampling import Sampler
 
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# A continued prompt attends to the cache's first rows only, as many as a key bucket holds (the
+# smallest one past its last position; the cache's length is the last bucket): attention and its
+# mask cost what the prompt's length needs, not what the whole cache would.
+KEY_BUCKETS = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 class Decoder:
@@ -37,10 +41,11 @@ class Decoder:
         self.host_pos = 0
         self.use_graphs = use_graphs
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        self._prefill_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._prefill_graphs: dict[tuple[int, int | None], torch.cuda.CUDAGraph] = {}
         if use_graphs:
             model.rope.ensure(cache.max_len)  # graph-safe steps only look rows up
             self.buckets = tuple(b for b in PREFILL_BUCKETS if b <= cache.max_len)
+            self.key_buckets = tuple(b for b in KEY_BUCKETS if b < cache.max_len) + (cache.max_len,)
             n = max(self.buckets, default=0)
             self._pf_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
             self._pf_pos = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -56,12 +61,13 @@ class Decoder:
             positions = torch.arange(start, start + len(ids), device=self.device)
             logits = self.model(t, positions, self.cache, last_only=True, start=start)[0]
         else:
-            fresh = start == 0  # nothing cached before the prompt: plain causal attention (flash kernels)
+            # keys None: nothing cached before the prompt, plain causal attention (flash kernels)
+            keys = None if start == 0 else self._key_bucket(start + bucket)
             self._set_prefill_inputs(ids, start, bucket)
-            graph = self._prefill_graphs.get((bucket, fresh))
+            graph = self._prefill_graphs.get((bucket, keys))
             if graph is None:
-                graph = self._capture(lambda: self._prefill_body(bucket, fresh))
-                self._prefill_graphs[(bucket, fresh)] = graph
+                graph = self._capture(lambda: self._prefill_body(bucket, keys))
+                self._prefill_graphs[(bucket, keys)] = graph
                 self._set_prefill_inputs(ids, start, bucket)
             graph.replay()
             logits = self._pf_logits
@@ -78,21 +84,25 @@ class Decoder:
                                     non_blocking=True)
         self._pf_last.fill_(len(ids) - 1)
 
-    def _prefill_body(self, bucket: int, fresh: bool) -> None:
-        """A fresh prompt writes cache rows [0, bucket) and attends causally among its own tokens; a
-        continued one writes at its device positions and attends to the whole cache under a mask."""
-        logits = self.model(self._pf_ids[:bucket], self._pf_pos[:bucket], self.cache, start=0 if fresh else None,
-                            last_index=self._pf_last, graph_safe=True)[0]
+    def _key_bucket(self, end: int) -> int:
+        return next(k for k in self.key_buckets if k >= min(end, self.cache.max_len))
+
+    def _prefill_body(self, bucket: int, keys: int | None) -> None:
+        """A fresh prompt (keys None) writes cache rows [0, bucket) and attends causally among its
+        own tokens; a continued one writes at its device positions and attends to the cache's first
+        `keys` rows under a mask."""
+        logits = self.model(self._pf_ids[:bucket], self._pf_pos[:bucket], self.cache, start=0 if keys is None else None,
+                            last_index=self._pf_last, graph_safe=True, keys=keys)[0]
         self._pf_logits.copy_(logits)
 
     def warm_up_prefill(self) -> None:
-        """Capture every prefill bucket, fresh and continued, now."""
+        """Capture every prefill bucket now: fresh, and continued with each key bucket it can meet."""
         for b in getattr(self, "buckets", ()):
-            for fresh in (True, False):
-                if (b, fresh) not in self._prefill_graphs:
+            for keys in (None, *(k for k in self.key_buckets if k > b or k == self.cache.max_len)):
+                if (b, keys) not in self._prefill_graphs:
                     self._set_prefill_inputs([0], 0, b)
                     with torch.inference_mode():
-                        self._prefill_graphs[(b, fresh)] = self._capture(lambda b=b, f=fresh: self._prefill_body(b, f))
+                        self._prefill_graphs[(b, keys)] = self._capture(lambda b=b, k=keys: self._prefill_body(b, k))
 
     @torch.inference_mode()
     def decode(self) -> None:
@@ -117,7 +127,7 @@ class Decoder:
         t = torch.tensor(tokens, dtype=torch.int64, device=self.device)
         positions = torch.arange(self.host_pos, self.host_pos + len(tokens), device=self.device)
         if self.use_graphs:
-            return self.model(t, positions, self.cache, graph_safe=True)
+            return self.model(t, positions, self.cache, graph_safe=True, keys=self.host_pos + len(tokens))
         return self.model(t, positions, self.cache, start=self.host_pos)
 
     @torch.inference_mode()
@@ -277,6 +287,8 @@ def prepare_fast_path(model: Transformer, ext) -> None:
             module.prepare_kernels(ext, scratch)
         elif isinstance(module, Linear):
             module.prepare_kernels(ext)
-    for norm in model.modules():
-        if isinstance(norm, (RMSNorm, LayerNorm)):
-            norm.weight.data = norm.weight.data.contiguous()
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, LayerNorm)):
+            module.weight.data = module.weight.data.contiguous()
+        if isinstance(module, (RMSNorm, Attention)):  # the prompt's forward: fewer, larger launches
+            module._ext = ext

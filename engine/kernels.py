@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger("kodkod.kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "sampling.cu", "trace.cu")
+SOURCES = ("bindings.cpp", "gemv.cu", "attention.cu", "prefill.cu", "sampling.cu", "trace.cu")
 HEADERS = ("kodkod.h", "launch.cuh", "trace.cuh", "mma.cuh")
 MIN_CAPABILITY = (7, 5)
 

@@ -23,11 +23,14 @@ class KVCache:
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Store k/v [T, kv_heads, head_dim] at positions start.., return all up to the last one."""
         end = start + k.shape[0]
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
+        self.check_fits(end)
         self.k[layer, start:end] = k
         self.v[layer, start:end] = v
         return self.k[layer, :end], self.v[layer, :end]
+
+    def check_fits(self, end: int) -> None:
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache of {self.max_len}")
 
     def write_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k/v at device positions (no host read), return the whole layer's cache."""

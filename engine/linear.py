@@ -14,7 +14,10 @@ from torch import nn
 
 from . import exl2, kernel_layout
 
-FEW_TOKENS = 16  # inputs of at most this many tokens multiply the packed weights (csrc: kMaxTokens)
+FEW_TOKENS = 16  # the CPU: 2 to this many rows go through W x^T (see linear())
+# The GPU: inputs of at most this many tokens multiply the packed weights (one pass of gemv_tokens);
+# more dequantize + cuBLAS (at 0.5B, 16 tokens in two passes took 16 us per matrix, that 9).
+PACKED_TOKENS = 8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +141,7 @@ class EXL2Linear(nn.Module):
         return self._kernel_forward(x)
 
     def prepare_kernels(self, ext, scratch: "DequantScratch") -> None:
-        """Use the kernels: up to FEW_TOKENS tokens run the GEMV, longer inputs dequantize into scratch + matmul."""
+        """Use the kernels: up to PACKED_TOKENS tokens run the GEMV, longer inputs dequantize into scratch + matmul."""
         self._ext, self._scratch = ext, scratch
         self._dense = None
         if self.kernel_matrix is None:
@@ -161,15 +164,14 @@ class EXL2Linear(nn.Module):
             out = torch.empty(self.out_features, dtype=torch.float16, device=x.device)
             self._ext.gemv([self.kernel_matrix], x2[0].contiguous(), IN_HALF, None, None, 0.0, OUT_HALF, 0, [out])
             return out.view(*lead, self.out_features).to(x.dtype)
-        if x2.shape[0] <= FEW_TOKENS:  # speculative verification: the packed weights read once per 8 tokens
+        if x2.shape[0] <= PACKED_TOKENS:  # speculative verification: the packed weights read once
             out = torch.empty(x2.shape[0], self.out_features, dtype=torch.float16, device=x.device)
             self._ext.gemv_tokens(self.kernel_matrix, x2.contiguous(), out, self._scratch.get(8 * self.x_len, x.device))
             return out.view(*lead, self.out_features).to(x.dtype)
         w = self._scratch.get(k * self.q_weight.shape[1], x.device).view(k, -1)
         self._ext.dequant(self.kernel_matrix, w)  # W in the original row order: no gather of x
-        y = x2 @ w[:, :self.out_features]
-        if self.bias is not None:
-            y += self.bias
+        w = w[:, :self.out_features]
+        y = x2 @ w if self.bias is None else torch.addmm(self.bias, x2, w)
         return y.view(*lead, self.out_features).to(x.dtype)
 
 

@@ -29,7 +29,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
+    _ext = None  # the kernels (engine.decode.prepare_fast_path): rows of fp16 on the GPU in one launch
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ext is not None and x.is_cuda and x.dim() == 2 and x.dtype == torch.float16:
+            out = torch.empty_like(x)
+            self._ext.rms_norm_rows(x.contiguous(), self.weight, out, self.eps)
+            return out
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -54,28 +60,44 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.sliding_window
 
+    _ext = None  # the kernels (engine.decode.prepare_fast_path): RoPE and the cache write in one launch
+
     def forward(self, x, cos, sin, positions, cache: KVCache | None = None, layer: int = 0,
-                start: int | None = None):
+                start: int | None = None, keys: int | None = None, mask: torch.Tensor | None = None):
         """With a cache: `start` (a host int) writes positions start.. and attends to what is cached;
-        start=None is the static decode step: positions live on the device, the cache is written
-        at them and the whole cache is attended to under a mask (no host reads, graph-safe)."""
+        start=None is the static step: positions live on the device, the cache is written at them
+        and the cache is attended to under a mask (no host reads, graph-safe): its first `keys`
+        rows (every position written so far lies below), else all of it. `mask`: the static step's
+        mask, built once for all layers (Transformer.forward)."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.heads, self.head_dim)
         k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            key_pos = positions
-        elif start is not None:
-            k, v = cache.write(layer, start, k, v)  # all keys/values up to the last new position
-            key_pos = torch.arange(k.shape[0], device=x.device)
+        if cache is not None and self._ext is not None and x.is_cuda:
+            if start is not None:
+                cache.check_fits(start + t)
+            q = q.contiguous()
+            self._ext.rope_write(q, k.contiguous(), v.contiguous(), cos, sin, positions, cache.k[layer], cache.v[layer])
+            end = cache.max_len if start is None else start + t
+            k, v, key_pos = cache.k[layer, :end], cache.v[layer, :end], cache.positions[:end]
         else:
-            k, v = cache.write_at(layer, positions, k, v)
-            key_pos = cache.positions
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if cache is None:
+                key_pos = positions
+            elif start is not None:
+                k, v = cache.write(layer, start, k, v)  # all keys/values up to the last new position
+                key_pos = cache.positions[:k.shape[0]]
+            else:
+                k, v = cache.write_at(layer, positions, k, v)
+                key_pos = cache.positions
+        if keys is not None:
+            k, v, key_pos = k[:keys], v[:keys], key_pos[:keys]
         gqa = self.heads != self.kv_heads
-        if gqa and t > 1:  # repeated heads let SDPA pick its fused kernels (flash, memory-efficient)
+        # On the CPU, repeated heads let SDPA pick its fused kernels; on a GPU they take the KV heads
+        # as they are (a continued prompt over 2,048 keys: 43 us a layer against 54 with the repeat)
+        if gqa and t > 1 and not x.is_cuda:
             k = k.repeat_interleave(self.heads // self.kv_heads, 1)
             v = v.repeat_interleave(self.heads // self.kv_heads, 1)
             gqa = False
@@ -85,12 +107,18 @@ class Attention(nn.Module):
             # keys are exactly the queries' positions: plain causal attention
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
-            # Causal (and sliding-window) mask: query at p sees keys at p - window < kp <= p.
-            mask = key_pos.unsqueeze(0) <= positions.unsqueeze(1)
-            if self.window:
-                mask &= key_pos.unsqueeze(0) > positions.unsqueeze(1) - self.window
+            if mask is None:
+                mask = attention_mask(key_pos, positions, self.window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+
+
+def attention_mask(key_pos: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) mask [queries, keys]: the query at p sees keys at p - window < kp <= p."""
+    mask = key_pos.unsqueeze(0) <= positions.unsqueeze(1)
+    if window:
+        mask &= key_pos.unsqueeze(0) > positions.unsqueeze(1) - window
+    return mask
 
 
 class GatedMLP(nn.Module):
@@ -119,9 +147,10 @@ class Block(nn.Module):
         self.post_attention_layernorm, self.mlp = post_attention_layernorm, mlp
         self._rope = rope  # shared, not a submodule
 
-    def forward(self, x, positions, cache: KVCache | None = None, cos_sin=None, start: int | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, cos_sin=None, start: int | None = None,
+                keys: int | None = None, mask: torch.Tensor | None = None):
         cos, sin = cos_sin if cos_sin is not None else self._rope(positions)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, self.index, start)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, self.index, start, keys, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,17 +166,22 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False, start: int | None = None,
-                last_index: torch.Tensor | None = None, graph_safe: bool = False) -> torch.Tensor:
+                last_index: torch.Tensor | None = None, graph_safe: bool = False,
+                keys: int | None = None) -> torch.Tensor:
         """ids, positions [T] -> logits [T or 1, vocab] in fp32.
 
         With a cache, `start` is the first position as a host int; without it
-        the step is static (see Attention.forward). Static steps, and any with
-        graph_safe=True, only look up rope rows already built (Rope.ensure)."""
+        the step is static (see Attention.forward; `keys`: attend to the cache's
+        first rows only). Static steps, and any with graph_safe=True, only look
+        up rope rows already built (Rope.ensure)."""
         x = self.embed_tokens[ids]
         static = graph_safe or (cache is not None and start is None)
         cos_sin = self.rope.at(positions) if static else self.rope(positions)
+        mask = None
+        if cache is not None and start is None:  # the static step: one mask for every layer
+            mask = attention_mask(cache.positions[:keys], positions, self.config.sliding_window)
         for layer in self.layers:
-            x = layer(x, positions, cache, cos_sin, start)
+            x = layer(x, positions, cache, cos_sin, start, keys, mask)
         if last_index is not None:  # the row of the last real token of a padded prompt, on the device
             x = x.index_select(0, last_index)
         elif last_only:

@@ -317,6 +317,46 @@ def test_embed(ext):
     assert torch.equal(out, table[517].float())
 
 
+@pytest.mark.parametrize("rows, hidden", [(1, 896), (7, 100), (300, 1536), (33, 3584)])
+def test_rms_norm_rows_equals_the_twin(ext, rows, hidden):
+    g = torch.Generator(device=DEV).manual_seed(rows * hidden)
+    x = (torch.randn(rows, hidden, generator=g, device=DEV) * 3).half()
+    norm = RMSNorm((torch.rand(hidden, generator=g, device=DEV) + 0.5).half(), 1e-6)
+    expected = norm(x)  # no kernels: the torch twin
+    out = torch.full_like(x, float("nan"))
+    ext.rms_norm_rows(x, norm.weight, out, norm.eps)
+    assert (out.float() - expected.float()).abs().max().item() <= 2e-3 * expected.float().abs().max().item()
+    assert rel_err(out, expected) < 1e-3
+
+
+@pytest.mark.parametrize("heads, kv_heads, d, rot", [(14, 2, 64, 64), (8, 8, 128, 128), (6, 2, 96, 48), (4, 1, 256, 256)])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_rope_write_equals_apply_rope_then_the_cache_write(ext, heads, kv_heads, d, rot, tokens):
+    g = torch.Generator(device=DEV).manual_seed(heads * d + tokens)
+    rope = Rope({"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rot / d}, d, 4096, DEV,
+                torch.float16)
+    cos_t, sin_t = rope.ensure(600)
+    positions = torch.randperm(600, generator=g, device=DEV)[:tokens]  # scattered rows, as a continued prompt's
+    cos, sin = cos_t[positions][:, :rot], sin_t[positions][:, :rot]
+    q = torch.randn(tokens, heads, d, generator=g, device=DEV).half()
+    k = torch.randn(tokens, kv_heads, d, generator=g, device=DEV).half()
+    v = torch.randn(tokens, kv_heads, d, generator=g, device=DEV).half()
+    k_cache = torch.randn(600, kv_heads, d, generator=g, device=DEV).half()
+    v_cache = torch.randn(600, kv_heads, d, generator=g, device=DEV).half()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref.index_copy_(0, positions, apply_rope(k, cos, sin))
+    v_ref.index_copy_(0, positions, v)
+    q_ref = apply_rope(q, cos, sin)
+    ext.rope_write(q, k, v, cos.contiguous(), sin.contiguous(), positions, k_cache, v_cache)
+    # the same fp16 products and sums as torch's ops, each rounded once: equal but for a rare double
+    # rounding of a sum in torch (its fp16 ops compute in fp32): one unit in the last place at most
+    for got, want in ((q, q_ref), (k_cache, k_ref)):
+        ulp = torch.finfo(torch.float16).eps * want.float().abs().clamp(min=2 ** -14)
+        off = (got.float() - want.float()).abs() > ulp
+        assert off.sum().item() <= want.numel() // 1000, f"{off.sum().item()} values differ by more than one ulp"
+    assert torch.equal(v_cache, v_ref)
+
+
 @pytest.mark.parametrize("name", ["llama-tiny-2.5bpw", "llama-tiny-4.0bpw", "llama-tiny-6.5bpw", "llama-tiny-fp16"])
 def test_fast_path_generates_what_the_torch_path_generates(ext, name):
     ids = load_file(fixture_dir("llama-tiny-4.0bpw") / "golden.safetensors")["input_ids"].tolist()

@@ -147,6 +147,23 @@ def test_static_decode_step_equals_the_eager_step():
     assert torch.allclose(static, full, atol=1e-4)
 
 
+def test_a_continued_prompt_attending_to_the_first_rows_equals_the_eager_one():
+    """The static T-token forward of a continued prompt (a prefill bucket's graph body) limited to
+    the cache's first `keys` rows computes what the whole cache under the mask and the eager
+    continued prompt compute, padding tokens after it included."""
+    eng = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu")
+    prompt, more = list(range(5, 30)), [77, 78, 79, 80]
+    padded = torch.tensor(more + [0, 0, 0])
+    positions = torch.arange(len(prompt), len(prompt) + len(padded))
+    with torch.inference_mode():
+        eng.model(torch.tensor(prompt), torch.arange(len(prompt)), eng.cache, start=0)
+        first = eng.model(padded, positions, eng.cache, graph_safe=True, keys=32)[:len(more)]
+        whole = eng.model(padded, positions, eng.cache, graph_safe=True)[:len(more)]
+        eager = eng.model(torch.tensor(more), positions[:len(more)], eng.cache, start=len(prompt))
+    assert torch.allclose(first, whole, atol=1e-4)
+    assert torch.allclose(first, eager, atol=1e-4)
+
+
 def test_blockwise_dequantization_equals_the_whole():
     t = layer(300, 96, MIXES[6], 4)
     lin = EXL2Linear(t, 300, 96, None, torch.float32)
