@@ -7,6 +7,7 @@ import itertools
 import re
 
 from .data import Language
+from .memo import LRU
 from .segments import Segments
 from .syntax import captures
 from .text import indent_of, to_lf, words
@@ -52,6 +53,14 @@ def _is_definition(language: Language, sig: str, name: str) -> bool:
     return sig.lstrip().startswith(language.definition_keywords) if language.definition_keywords else False
 
 
+# Per elided text (its lines, exactly), each name's signature found there: while the user types,
+# the elided lines stay the same for many keys and the names near the cursor change one at a time,
+# so a keystroke looks up only its new names (languages/memo.py). Bounded by entries and by the
+# characters of elided text held; each entry remembers at most _NAMES_PER_TEXT names.
+_SIGNATURE_MEMO = LRU(16, 4_000_000, lambda key, _: sum(map(len, key[1])), max_item_weight=1_000_000)
+_NAMES_PER_TEXT = 1024
+
+
 def file_signatures(language: Language, elided: list[str], near: str, limit: int = 8) -> list[str]:
     """Signatures of definitions in `elided` lines whose names occur in `near`.
 
@@ -64,17 +73,34 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
     names -= keywords | _COMMON
     if not names:
         return []
-    out: list[str] = []
-    seen: set[str] = set()
+    key = (language, tuple(elided))
+    found = _SIGNATURE_MEMO.get(key)
+    if found is None:
+        found = {}
+        _SIGNATURE_MEMO.put(key, found)
+    text = starts = None
+    hits = []
+    for name in names:
+        hit = found.get(name, False)
+        if hit is False:
+            if text is None:
+                text = "".join(elided)
+                starts = list(itertools.accumulate((len(l) for l in elided), initial=0))
+            hit = _first_definition(language, elided, text, starts, name)
+            if len(found) >= _NAMES_PER_TEXT:
+                found.clear()
+            found[name] = hit
+        if hit is not None:
+            hits.append(hit)
+    # The names' first definitions in the order they come in the text, as one pass over it would find them.
+    return [sig for _, sig in sorted(hits)[:limit]]
+
+
+def _first_definition(language: Language, elided: list[str], text: str, starts: list[int],
+                      name: str) -> tuple[int, str] | None:
+    """(offset in `text`, signature) of the first line of `elided` that defines `name`, or None."""
     comment = language.line_comment or "\x00"
-    # One regex pass over the elided text finds candidate lines; only those get looked at.
-    text = "".join(elided)
-    starts = list(itertools.accumulate((len(l) for l in elided), initial=0))
-    rx = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
-    for m in rx.finditer(text):
-        name = m.group(1)
-        if name in seen:
-            continue
+    for m in re.finditer(r"\b" + re.escape(name) + r"\b", text):
         i = bisect.bisect_right(starts, m.start()) - 1
         line = elided[i]
         s = line.strip()
@@ -84,8 +110,5 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
             continue
         sig = _signature(elided, i)
         if _is_definition(language, sig, name):
-            seen.add(name)
-            out.append(sig.strip("\n"))
-            if len(out) >= limit:
-                break
-    return out
+            return m.start(), sig.strip("\n")
+    return None
