@@ -10,7 +10,10 @@ entry count or the total weight (characters in, items out) is over its limit.
 The server builds prompts on its worker thread, tests and benchmarks from
 others: every memo takes its lock for each get and put (well under a
 microsecond), and its values are immutable (tuples), so a caller can never
-change what another caller reads.
+change what another caller reads. One exception, languages/context.py's
+signature memo: its value is a dict that only gains answers (name -> the same
+signature whoever computes it); a dict's get and set are atomic, so two threads
+at worst both compute one answer.
 """
 from __future__ import annotations
 
