@@ -40,11 +40,11 @@ def split_lines(text: str) -> list[str]:
 
 # Line -> token ids, kept across builds per tokenizer (languages/memo.py): while the user types,
 # nearly every line of a prompt was encoded for the previous one. Weight: characters plus ids.
-# About 30 bytes per unit (a str's bytes, a tuple slot, an int object), so the bound is ~60 MB at
-# the very worst and ~10 MB for a session of ordinary code; a piece over 1/16 of it (a huge
-# minified line, a giant snippet) is encoded every time instead.
-TOKEN_MEMO_ENTRIES = 32768
-TOKEN_MEMO_WEIGHT = 2_000_000
+# Full of ordinary code (16,384 lines of the standard library) it holds about 15 MB; the weight
+# bound caps it near 35 MB whatever the text (an id costs 36 bytes, a character 1 to 4). A piece
+# over 1/16 of the weight (a huge minified line, a giant snippet) is encoded every time instead.
+TOKEN_MEMO_ENTRIES = 16384
+TOKEN_MEMO_WEIGHT = 1_000_000
 
 _token_memos: "weakref.WeakKeyDictionary[object, LRU]" = weakref.WeakKeyDictionary()
 _token_memos_lock = threading.Lock()
