@@ -59,6 +59,7 @@ def _is_definition(language: Language, sig: str, name: str) -> bool:
 # characters of elided text held; each entry remembers at most _NAMES_PER_TEXT names.
 _SIGNATURE_MEMO = LRU(16, 4_000_000, lambda key, _: sum(map(len, key[1])), max_item_weight=1_000_000)
 _NAMES_PER_TEXT = 1024
+_UNKNOWN = object()
 
 
 def file_signatures(language: Language, elided: list[str], near: str, limit: int = 8) -> list[str]:
@@ -78,29 +79,33 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
     if found is None:
         found = {}
         _SIGNATURE_MEMO.put(key, found)
-    text = starts = None
-    hits = []
-    for name in names:
-        hit = found.get(name, False)
-        if hit is False:
-            if text is None:
-                text = "".join(elided)
-                starts = list(itertools.accumulate((len(l) for l in elided), initial=0))
-            hit = _first_definition(language, elided, text, starts, name)
-            if len(found) >= _NAMES_PER_TEXT:
-                found.clear()
-            found[name] = hit
-        if hit is not None:
-            hits.append(hit)
-    # The names' first definitions in the order they come in the text, as one pass over it would find them.
+    # Read into a dict of this call's own: another thread may clear `found` meanwhile.
+    answers = {n: found.get(n, _UNKNOWN) for n in names}
+    missing = [n for n, a in answers.items() if a is _UNKNOWN]
+    if missing:
+        new = _first_definitions(language, elided, missing)
+        answers.update(new)
+        if len(found) + len(new) > _NAMES_PER_TEXT:
+            found.clear()
+        if len(new) <= _NAMES_PER_TEXT:
+            found.update(new)
+    hits = [a for a in answers.values() if a is not None]
+    # The names' first definitions in the order they come in the text, as one pass over it finds them.
     return [sig for _, sig in sorted(hits)[:limit]]
 
 
-def _first_definition(language: Language, elided: list[str], text: str, starts: list[int],
-                      name: str) -> tuple[int, str] | None:
-    """(offset in `text`, signature) of the first line of `elided` that defines `name`, or None."""
+def _first_definitions(language: Language, elided: list[str], names: list[str]) -> dict[str, tuple[int, str] | None]:
+    """For each name, (offset in the joined text, signature) of the first line of `elided` that defines it, or None."""
+    out: dict[str, tuple[int, str] | None] = dict.fromkeys(names)
     comment = language.line_comment or "\x00"
-    for m in re.finditer(r"\b" + re.escape(name) + r"\b", text):
+    # One regex pass over the elided text finds candidate lines; only those get looked at.
+    text = "".join(elided)
+    starts = list(itertools.accumulate((len(l) for l in elided), initial=0))
+    rx = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
+    for m in rx.finditer(text):
+        name = m.group(1)
+        if out[name] is not None:
+            continue
         i = bisect.bisect_right(starts, m.start()) - 1
         line = elided[i]
         s = line.strip()
@@ -110,5 +115,5 @@ def _first_definition(language: Language, elided: list[str], text: str, starts: 
             continue
         sig = _signature(elided, i)
         if _is_definition(language, sig, name):
-            return m.start(), sig.strip("\n")
-    return None
+            out[name] = (m.start(), sig.strip("\n"))
+    return out

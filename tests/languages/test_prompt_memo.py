@@ -193,9 +193,12 @@ def test_a_tokenizer_without_weak_references_still_builds():
           build_prompt(seg, resolve_language("python"), real, tpl, 256))
 
 
-def test_signatures_keep_file_order_and_limit_as_names_arrive_one_by_one():
+@pytest.mark.parametrize("names_per_text", [1024, 3])
+def test_signatures_keep_file_order_and_limit_as_names_arrive_one_by_one(names_per_text, monkeypatch):
     """Names near the cursor come one keystroke at a time and their answers are remembered one by
-    one; the block still lists the definitions in the file's order, at most `limit` of them."""
+    one; the block still lists the definitions in the file's order, at most `limit` of them (also
+    when the memo of names per text is full and starts over)."""
+    monkeypatch.setattr(context, "_NAMES_PER_TEXT", names_per_text)
     tok = load_tokenizer(QWEN_TOKENS)
     tpl = fim_template_for(tok)
     lang = resolve_language("python")
@@ -212,3 +215,4 @@ def test_signatures_keep_file_order_and_limit_as_names_arrive_one_by_one():
     assert sigs([9, 3, 1, 0]) == [0, 1, 3, 9]
     assert sigs(range(9, -1, -1)) == list(range(8))
     assert context.file_signatures(lang, far.splitlines(keepends=True), "h9(1) + h2(2)", limit=1) == ["def h2(a2):"]
+    assert all(len(found) <= names_per_text for found, _ in context._SIGNATURE_MEMO._data.values())
