@@ -41,7 +41,7 @@ def split_lines(text: str) -> list[str]:
 # Line -> token ids, kept across builds per tokenizer (languages/memo.py): while the user types,
 # nearly every line of a prompt was encoded for the previous one. Weight: characters plus ids.
 # Full of ordinary code (16,384 lines of the standard library) it holds about 15 MB; the weight
-# bound caps it near 35 MB whatever the text (an id costs 36 bytes, a character 1 to 4). A piece
+# bound keeps it under about 40 MB whatever the text (an id costs 36 bytes, a character 1 to 4). A piece
 # over 1/16 of the weight (a huge minified line, a giant snippet) is encoded every time instead.
 TOKEN_MEMO_ENTRIES = 16384
 TOKEN_MEMO_WEIGHT = 1_000_000
