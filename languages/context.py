@@ -7,6 +7,7 @@ import itertools
 import re
 
 from .data import Language
+from .memo import LRU
 from .segments import Segments
 from .syntax import captures
 from .text import indent_of, to_lf, words
@@ -52,6 +53,15 @@ def _is_definition(language: Language, sig: str, name: str) -> bool:
     return sig.lstrip().startswith(language.definition_keywords) if language.definition_keywords else False
 
 
+# Per elided text (its lines, exactly), each name's signature found there: while the user types,
+# the elided lines stay the same for many keys and the names near the cursor change one at a time,
+# so a keystroke looks up only its new names (languages/memo.py). Bounded by entries and by the
+# characters of elided text held; each entry remembers at most _NAMES_PER_TEXT names.
+_SIGNATURE_MEMO = LRU(16, 4_000_000, lambda key, _: sum(map(len, key[1])), max_item_weight=1_000_000)
+_NAMES_PER_TEXT = 1024
+_UNKNOWN = object()
+
+
 def file_signatures(language: Language, elided: list[str], near: str, limit: int = 8) -> list[str]:
     """Signatures of definitions in `elided` lines whose names occur in `near`.
 
@@ -64,8 +74,29 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
     names -= keywords | _COMMON
     if not names:
         return []
-    out: list[str] = []
-    seen: set[str] = set()
+    key = (language, tuple(elided))
+    found = _SIGNATURE_MEMO.get(key)
+    if found is None:
+        found = {}
+        _SIGNATURE_MEMO.put(key, found)
+    # Read into a dict of this call's own: another thread may clear `found` meanwhile.
+    answers = {n: found.get(n, _UNKNOWN) for n in names}
+    missing = [n for n, a in answers.items() if a is _UNKNOWN]
+    if missing:
+        new = _first_definitions(language, elided, missing)
+        answers.update(new)
+        if len(found) + len(new) > _NAMES_PER_TEXT:
+            found.clear()
+        if len(new) <= _NAMES_PER_TEXT:
+            found.update(new)
+    hits = [a for a in answers.values() if a is not None]
+    # The names' first definitions in the order they come in the text, as one pass over it finds them.
+    return [sig for _, sig in sorted(hits)[:limit]]
+
+
+def _first_definitions(language: Language, elided: list[str], names: list[str]) -> dict[str, tuple[int, str] | None]:
+    """For each name, (offset in the joined text, signature) of the first line of `elided` that defines it, or None."""
+    out: dict[str, tuple[int, str] | None] = dict.fromkeys(names)
     comment = language.line_comment or "\x00"
     # One regex pass over the elided text finds candidate lines; only those get looked at.
     text = "".join(elided)
@@ -73,7 +104,7 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
     rx = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names))) + r")\b")
     for m in rx.finditer(text):
         name = m.group(1)
-        if name in seen:
+        if out[name] is not None:
             continue
         i = bisect.bisect_right(starts, m.start()) - 1
         line = elided[i]
@@ -84,8 +115,5 @@ def file_signatures(language: Language, elided: list[str], near: str, limit: int
             continue
         sig = _signature(elided, i)
         if _is_definition(language, sig, name):
-            seen.add(name)
-            out.append(sig.strip("\n"))
-            if len(out) >= limit:
-                break
+            out[name] = (m.start(), sig.strip("\n"))
     return out

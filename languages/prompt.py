@@ -8,12 +8,15 @@ pre-tokenizers split anyway.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 import zlib
 from dataclasses import dataclass, field
 
 from .context import file_signatures, render_block, request_blocks
 from .data import Language
 from .fim import FimTemplate, TokenizerLike
+from .memo import LRU
 from .segments import Segments
 from .syntax import capture_lines
 from .text import imbalance, indent_of, is_closers_only, leading_ws, to_lf
@@ -35,28 +38,68 @@ def split_lines(text: str) -> list[str]:
     return [p + "\n" for p in parts[:-1]] + [parts[-1]]
 
 
+# Line -> token ids, kept across builds per tokenizer (languages/memo.py): while the user types,
+# nearly every line of a prompt was encoded for the previous one. Weight: characters plus ids.
+# Full of ordinary code (16,384 lines of the standard library) it holds about 15 MB; the weight
+# bound keeps it under about 40 MB whatever the text (an id costs 36 bytes, a character 1 to 4). A piece
+# over 1/16 of the weight (a huge minified line, a giant snippet) is encoded every time instead.
+TOKEN_MEMO_ENTRIES = 16384
+TOKEN_MEMO_WEIGHT = 1_000_000
+
+_token_memos: "weakref.WeakKeyDictionary[object, LRU]" = weakref.WeakKeyDictionary()
+_token_memos_lock = threading.Lock()
+
+
+def token_memo(tok: TokenizerLike) -> LRU | None:
+    """The shared memo of `tok`'s encodings (None for a tokenizer that cannot be weakly referenced).
+
+    Keyed by the tokenizer object: a tokenizer must not change its encoding after its first
+    prompt (ours never does: special tokens are fixed when it is loaded).
+    """
+    with _token_memos_lock:
+        try:
+            memo = _token_memos.get(tok)
+            if memo is None:
+                memo = _token_memos[tok] = LRU(TOKEN_MEMO_ENTRIES, TOKEN_MEMO_WEIGHT,
+                                               lambda text, ids: len(text) + len(ids))
+        except TypeError:
+            return None
+        return memo
+
+
 class _Encoder:
-    """Memoised encode for one build (lines repeat: blank lines, braces)."""
+    """Memoised encode: a dict for this build (lines repeat: blank lines, braces) in front of the
+    tokenizer's shared memo. Ids come back as tuples: shared between builds, they must not change."""
 
     def __init__(self, tok: TokenizerLike):
         self.tok = tok
-        self.memo: dict[str, list[int]] = {}
+        self.memo: dict[str, tuple[int, ...]] = {}
+        self.shared = token_memo(tok)
 
-    def __call__(self, text: str) -> list[int]:
+    def __call__(self, text: str) -> tuple[int, ...]:
         ids = self.memo.get(text)
+        return self._miss(text) if ids is None else ids
+
+    def _miss(self, text: str) -> tuple[int, ...]:
+        ids = self.shared.get(text) if self.shared is not None else None
         if ids is None:
-            ids = self.memo[text] = list(self.tok.encode(text)) if text else []
+            ids = tuple(self.tok.encode(text)) if text else ()
+            if self.shared is not None:
+                self.shared.put(text, ids)
+        self.memo[text] = ids
         return ids
 
     def n(self, text: str) -> int:
-        return len(self(text))
+        ids = self.memo.get(text)  # the hot path: a thousand calls a build
+        return len(self._miss(text) if ids is None else ids)
 
 
 def _walk(lines: list[str], idx, cap: int, enc: _Encoder) -> tuple[int, int]:
     """How many lines (in the order of `idx`) fit in `cap` tokens, and their cost."""
     used = taken = 0
+    n = enc.n
     for i in idx:
-        c = enc.n(lines[i])
+        c = n(lines[i])
         if used + c > cap:
             break
         used += c
@@ -265,7 +308,7 @@ def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLik
     decisions = [f"language: {language.name}", f"template: {template.name}"]
     enc = _Encoder(tokenizer)
     prefix, suffix = to_lf(segments.prefix), to_lf(segments.suffix)
-    lead_ids = enc(template.prefix_lead)
+    lead_ids = list(enc(template.prefix_lead))
     avail = budget_tokens - template.special_count - len(lead_ids)
     if avail < 0:
         raise ValueError(f"token budget {budget_tokens} is smaller than the FIM template's "
@@ -287,7 +330,7 @@ def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLik
     # Suffix: the lines nearest the cursor.
     s_take, s_used = _walk(s_lines, range(len(s_lines)), s_cap, enc)
     if s_take == 0 and s_lines[0]:
-        s_ids = enc(s_lines[0])[:s_cap] if s_cap > 0 else []
+        s_ids = list(enc(s_lines[0])[:s_cap]) if s_cap > 0 else []
         s_text = tokenizer.decode(s_ids)
     else:
         s_ids = [i for line in s_lines[:s_take] for i in enc(line)]
@@ -299,7 +342,7 @@ def build_prompt(segments: Segments, language: Language, tokenizer: TokenizerLik
     if p_keep:
         p_ids = [i for piece in p_pieces for i in enc(piece)]
     else:  # even the cursor line did not fit: its last tokens
-        p_ids = enc(p_lines[-1])[-p_cap:] if p_cap > 0 else []
+        p_ids = list(enc(p_lines[-1])[-p_cap:]) if p_cap > 0 else []
 
     # Context fills what prefix and suffix left, most relevant first.
     room = avail - len(p_ids) - len(s_ids)

@@ -7,6 +7,7 @@ from functools import cache
 import tree_sitter as ts
 
 from .data import QUERY_DIR, Language
+from .memo import LRU
 
 
 @cache
@@ -46,8 +47,42 @@ def parse(language: Language, text: str) -> tuple[ts.Tree, int] | None:
     return ts.Parser(lang).parse(lead + text.encode("utf-8")), len(lead)
 
 
+# Query results by (grammar, query folder, parse lead, query, text), kept across builds
+# (languages/memo.py): every keystroke's prompt parses the same candidate signatures and the same
+# import block again. Weight: characters of the text and of the captured texts, plus one per
+# result. Texts over 1/16 of the weight are parsed every time.
+CAPTURE_MEMO_ENTRIES = 4096
+CAPTURE_MEMO_WEIGHT = 1_000_000
+
+
+def _weigh(key: tuple, value: tuple) -> int:
+    return len(key[-1]) + sum(1 + (len(v[1]) if isinstance(v[1], str) else 0) for v in value)
+
+
+_capture_memo = LRU(CAPTURE_MEMO_ENTRIES, CAPTURE_MEMO_WEIGHT, _weigh)
+
+
+def _memo_key(language: Language, kind: str, name: str, text: str) -> tuple:
+    return (kind, language.grammar, language.queries, language.parse_lead, name, text)
+
+
 def captures(language: Language, name: str, text: str) -> list[tuple[str, str, int]]:
     """(capture name, captured text, start line) for query `name` over `text`."""
+    key = _memo_key(language, "captures", name, text)
+    hit = _capture_memo.get(key)
+    if hit is None:
+        hit = _capture_memo_put(key, _captures(language, name, text))
+    return list(hit)
+
+
+def _capture_memo_put(key: tuple, value):
+    value = tuple(value) if value is not None else None
+    if value is not None:
+        _capture_memo.put(key, value)
+    return value
+
+
+def _captures(language: Language, name: str, text: str) -> list[tuple[str, str, int]]:
     q = query(language, name)
     parsed = parse(language, text) if q is not None else None
     if parsed is None:
@@ -64,6 +99,14 @@ def captures(language: Language, name: str, text: str) -> list[tuple[str, str, i
 
 def capture_lines(language: Language, name: str, text: str) -> list[tuple[int, int]] | None:
     """(first line, last line) of every node query `name` captures in `text`; None without a grammar."""
+    key = _memo_key(language, "lines", name, text)
+    hit = _capture_memo.get(key)
+    if hit is None:
+        hit = _capture_memo_put(key, _capture_lines(language, name, text))
+    return list(hit) if hit is not None else None
+
+
+def _capture_lines(language: Language, name: str, text: str) -> list[tuple[int, int]] | None:
     q = query(language, name)
     parsed = parse(language, text) if q is not None else None
     if parsed is None:
