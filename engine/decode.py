@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -78,8 +79,9 @@ class Decoder:
     def _set_prefill_inputs(self, ids: list[int], start: int, bucket: int) -> None:
         """Prompt padded to the bucket; padding sits at later positions (their cache rows are rewritten
         before anything reads them) and never past the cache's last row."""
-        padded = torch.tensor(ids + [0] * (bucket - len(ids)), dtype=torch.int64)
-        self._pf_ids[:bucket].copy_(padded, non_blocking=True)
+        padded = np.zeros(bucket, dtype=np.int64)
+        padded[:len(ids)] = ids  # through numpy: a list of 1,500 ints takes 0.03 ms, not torch.tensor's 0.18
+        self._pf_ids[:bucket].copy_(torch.from_numpy(padded), non_blocking=True)
         self._pf_pos[:bucket].copy_(torch.arange(start, start + bucket).clamp(max=self.cache.max_len - 1),
                                     non_blocking=True)
         self._pf_last.fill_(len(ids) - 1)

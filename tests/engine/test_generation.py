@@ -1,5 +1,7 @@
 """Generation on the exllamav2-written fixtures: logits, sampling, stops, cancellation, streaming text."""
+import json.decoder
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +250,17 @@ def test_stream_decoder_never_emits_half_a_character():
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert any(d == "" for d in deltas)  # some steps had to wait for the rest of a character
+
+
+def test_encode_equals_the_plain_encode_and_special_text_stays_text():
+    """Tokenizer.encode (the library's batch form, no offsets) gives the plain encode's ids, and the
+    text of a special token in a prompt never becomes that token."""
+    from tests.languages.lang_fixtures import QWEN_TOKENS, load_tokenizer
+
+    tok = load_tokenizer(QWEN_TOKENS)
+    texts = [Path(json.decoder.__file__).read_text(encoding="utf-8"), "", "\n\n  x = 1\r\n",
+             "naïve café → 日本語 🎉", "a <|fim_prefix|> b <|fim_middle|>c"]
+    for text in texts:
+        assert tok.encode(text) == tok._tok.encode(text, add_special_tokens=False).ids
+    specials = set(tok.special_tokens.values())
+    assert specials and not specials & set(tok.encode("".join(QWEN_TOKENS)))
