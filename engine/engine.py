@@ -1,6 +1,7 @@
 """The Engine: a loaded model plus its tokenizer, KV cache and the generation loop."""
 from __future__ import annotations
 
+import collections
 import random
 import sys
 import threading
@@ -35,6 +36,10 @@ DEFAULT_KV_POOL_MB = 512
 # pass does not yet run on the decode step's kernels and costs more than the tokens it saves.
 DEFAULT_DRAFT_TOKENS: int | None = None
 CPU_DRAFT_TOKENS = 4
+# Decode steps kept in flight ahead of the caller on a GPU. Two: the caller's hand-offs between
+# tokens (the server's worker thread, its event loop) can take longer than a step without leaving
+# the GPU idle; the cost is at most two steps computed for nothing when a stream stops.
+LAUNCH_DEPTH = 2
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -81,11 +86,16 @@ class Engine:
                 if isinstance(m, EXL2Linear):
                     m.weight  # noqa: B018
             self.decoder = TorchDecoder(model, self.cache, self.sampler, use_graphs=device.type == "cuda")
-        # Launch the decode step after a token before that token is handed out, so the GPU computes
-        # the next one while the caller (the server's worker, the HTTP response) deals with this one.
-        # On a GPU a step is an asynchronous graph replay; on the CPU it would be computed up front
-        # (slower to the first use of the token, and wasted when the caller stops): off there.
-        self.launch_ahead = self.decoder.use_graphs
+        # Launch the decode steps after a token before that token is handed out, so the GPU computes
+        # the next ones while the caller (the server's worker, the HTTP response) deals with this one.
+        # On a GPU a step is an asynchronous graph replay that takes its token from the step before
+        # on the device; each step's draw is copied to a host slot of its own. On the CPU a step
+        # would be computed up front (slower to the first use of the token, and wasted when the
+        # caller stops): off there.
+        self.launch_ahead = LAUNCH_DEPTH if self.decoder.use_graphs else 0
+        self._slots: torch.Tensor | None = None  # host copies of the draws of steps in flight
+        self._slot_events: list = []
+        self._next_slot = 0
         if draft_tokens is None:
             draft_tokens = 0 if self.decoder.use_graphs else CPU_DRAFT_TOKENS
         self.draft_tokens = draft_tokens  # longest prompt-lookup draft per step; 0: plain decoding
@@ -158,9 +168,9 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        """Yield TokenEvents lazily: each `next()` runs at most one forward pass. With launch_ahead (on a
-        GPU) that pass is the step after the token being handed out, launched before it is yielded and
-        read at the next `next()`; a caller that stops has made at most one step more."""
+        """Yield TokenEvents lazily: each `next()` runs at most one forward pass. With launch_ahead = k
+        (on a GPU) the k steps after the token being handed out are launched before it is yielded
+        and read at the following `next()`s; a caller that stops has made at most k steps more."""
         prompt_ids = self._check_ids(prompt_ids)
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the {self.max_seq_len}-token context")
@@ -177,7 +187,9 @@ class Engine:
             stops = StopStrings(params.stop_strings)
             lookup = PromptLookup(prompt_ids) if self.draft_tokens > 0 else None
             pending: list[int] = []  # tokens one forward pass made that are not yielded yet
-            launched = False  # the plain decode step after `token` is already on the GPU (launch_ahead)
+            inflight: collections.deque[int] = collections.deque()  # slots of launched steps, oldest first
+            if self.launch_ahead:
+                self._make_slots()
             finish = "length"
             for i in range(params.max_new_tokens):
                 if cancel is not None and cancel.is_set():
@@ -188,9 +200,8 @@ class Engine:
                         self._prefill(prompt_ids)
                         pending = [int(self.sampler.token.item())]
                         self.decode_steps += 1
-                    elif launched:
-                        pending = [self._collect(token)]
-                        launched = False
+                    elif inflight:
+                        pending = [self._collect(token, inflight.popleft())]
                     else:
                         if len(self.cache.ids) >= self.max_seq_len:
                             break
@@ -203,11 +214,12 @@ class Engine:
                     finish = "stop"
                     break
                 text, stopped = stops.feed(decoder.push(token))
-                if (self.launch_ahead and lookup is None and not pending and not stopped
-                        and i + 1 < params.max_new_tokens and len(self.cache.ids) < self.max_seq_len):
-                    self.decoder.decode()  # the step after `token`; its draw is read at the next next()
-                    self.decode_steps += 1
-                    launched = True
+                if self.launch_ahead and lookup is None and not pending and not stopped:
+                    # steps for the tokens after `token`, never past the length asked for or the
+                    # context (the newest one writes cache row len(cache.ids) + len(inflight))
+                    while (len(inflight) < self.launch_ahead and i + 1 + len(inflight) < params.max_new_tokens
+                           and len(self.cache.ids) + len(inflight) < self.max_seq_len):
+                        inflight.append(self._launch())
                 yield TokenEvent(token, text)
                 if stopped:
                     finish = "stop"
@@ -230,10 +242,33 @@ class Engine:
         if self.reuse_prompts:
             self.kv_pool.save(ids, self.cache)
 
-    def _collect(self, last: int) -> int:
-        """The draw of the decode step launched after `last` (waits for it)."""
+    def _make_slots(self) -> None:
+        if self._slots is None or len(self._slots) != self.launch_ahead:
+            cuda = self.device.type == "cuda"
+            self._slots = torch.zeros(self.launch_ahead, dtype=torch.int64, pin_memory=cuda)
+            self._slot_events = [torch.cuda.Event() for _ in range(self.launch_ahead)] if cuda else []
+            self._next_slot = 0
+
+    def _launch(self) -> int:
+        """Launch the decode step after the newest token (on the device: the draw it reads); its draw
+        is copied to a host slot when it is done. Returns the slot."""
+        self.decoder.decode()
+        self.decode_steps += 1
+        j, self._next_slot = self._next_slot, (self._next_slot + 1) % len(self._slots)
+        self._slots[j].copy_(self.sampler.token[0], non_blocking=True)
+        if self._slot_events:
+            self._slot_events[j].record(torch.cuda.current_stream(self.device))
+        return j
+
+    def _collect(self, last: int, slot: int | None = None) -> int:
+        """The draw of the decode step that took `last` (waits for it): from its slot, or the
+        sampler's token when it was not launched ahead."""
         self.cache.ids.append(last)
-        return int(self.sampler.token.item())
+        if slot is None:
+            return int(self.sampler.token.item())
+        if self._slot_events:
+            self._slot_events[slot].synchronize()
+        return int(self._slots[slot])
 
     def _step(self, last: int, lookup: PromptLookup | None, left: int) -> list[int]:
         """One forward pass after `last` (the token the previous draw made): a plain decode step, or

@@ -70,14 +70,15 @@ def test_generation_is_lazy_and_cancel_stops_within_one_step(engine, golden):
     assert first.finish_reason is None
 
 
-def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden):
-    """The GPU's launch-ahead (the step after a token is launched before the token is handed out),
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden, depth):
+    """The GPU's launch-ahead (the steps after a token are launched before the token is handed out),
     forced on the CPU: the same events for greedy, sampled, stop-token, stop-string, length- and
-    context-limited generations; at most one step ahead of the consumer; a stream dropped with a step
-    in flight leaves the cache's ids exact."""
+    context-limited generations; at most `depth` steps ahead of the consumer; a stream dropped with
+    steps in flight leaves the cache's ids exact."""
     ahead = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", draft_tokens=0)  # plain decoding's steps
     assert not ahead.launch_ahead  # off on the CPU
-    ahead.launch_ahead = True
+    ahead.launch_ahead = depth
     prompt = golden["input_ids"].tolist()[:16]
     free = [e.token_id for e in engine.generate(prompt, GenerationParams(max_new_tokens=24, stop_token_ids=()))]
     text = engine.tokenizer.decode([t for t in free if t is not None])
@@ -93,7 +94,7 @@ def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden):
     stream = ahead.generate(prompt, GenerationParams(max_new_tokens=40, stop_token_ids=()), cancel)
     before = ahead.decode_steps
     next(stream)
-    assert ahead.decode_steps == before + 2  # the prompt, and the step after the first token
+    assert ahead.decode_steps == before + 1 + depth  # the prompt, and the steps after the first token
     cancel.set()
     at_signal = ahead.decode_steps
     assert list(stream)[-1].finish_reason == "cancelled"
@@ -107,7 +108,7 @@ def test_launch_ahead_hands_out_what_plain_decoding_does(engine, golden):
 
     short = [load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", max_seq_len=24, draft_tokens=0)
              for _ in range(2)]
-    short[1].launch_ahead = True
+    short[1].launch_ahead = depth
     a, b = (list(e.generate(prompt, GenerationParams(max_new_tokens=20, stop_token_ids=()))) for e in short)
     # the prompt's draw, one token per free row of the 24-row context, then the finish event
     assert a == b and len(a) == 1 + (24 - 16) + 1
