@@ -55,10 +55,11 @@ class Decoder:
             self._pool = torch.cuda.graph_pool_handle()
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], start: int) -> None:
+    def prefill(self, ids, start: int) -> None:
+        """ids: the tokens after `start` (a list or an int64 array)."""
         bucket = next((b for b in getattr(self, "buckets", ()) if b >= len(ids)), None)
         if bucket is None:  # the CPU, or a prompt longer than every bucket
-            t = torch.tensor(ids, device=self.device)
+            t = torch.as_tensor(ids, device=self.device)
             positions = torch.arange(start, start + len(ids), device=self.device)
             logits = self.model(t, positions, self.cache, last_only=True, start=start)[0]
         else:
@@ -76,7 +77,7 @@ class Decoder:
         self.host_pos = start + len(ids)
         self.sampler(logits, self.pos)
 
-    def _set_prefill_inputs(self, ids: list[int], start: int, bucket: int) -> None:
+    def _set_prefill_inputs(self, ids, start: int, bucket: int) -> None:
         """Prompt padded to the bucket; padding sits at later positions (their cache rows are rewritten
         before anything reads them) and never past the cache's last row."""
         padded = np.zeros(bucket, dtype=np.int64)

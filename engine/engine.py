@@ -154,8 +154,9 @@ class Engine:
         self.decode_steps += 1
         return self.model(t, pos)
 
-    def _check_ids(self, ids) -> list[int]:
-        """Token ids as a list of ints, or a clear error (numpy: a 1,500-token prompt in 0.05 ms, not 0.2)."""
+    def _check_ids(self, ids) -> np.ndarray:
+        """Token ids as an int64 array, or a clear error. The prompt is converted once: a list of
+        1,500 ints costs 0.03-0.07 ms each time numpy or torch reads it."""
         arr = np.asarray(ids)
         if arr.size == 0:
             raise ValueError("the prompt is empty")
@@ -164,24 +165,25 @@ class Engine:
         vocab = self.config.vocab_size
         if arr.min() < 0 or arr.max() >= vocab:
             raise ValueError(f"token ids out of range [0, {vocab}): {arr[(arr < 0) | (arr >= vocab)][:5].tolist()}")
-        return arr.tolist()
+        return arr.astype(np.int64, copy=False)
 
     def generate(self, prompt_ids: list[int], params: GenerationParams = GenerationParams(),
                  cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
         """Yield TokenEvents lazily: each `next()` runs at most one forward pass. With launch_ahead = k
         (on a GPU) the k steps after the token being handed out are launched before it is yielded
         and read at the following `next()`s; a caller that stops has made at most k steps more."""
-        prompt_ids = self._check_ids(prompt_ids)
-        if len(prompt_ids) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the {self.max_seq_len}-token context")
-        return self._generate(prompt_ids, params, cancel)
+        prompt = self._check_ids(prompt_ids)
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the {self.max_seq_len}-token context")
+        return self._generate(prompt, params, cancel)
 
-    def _generate(self, prompt_ids, params, cancel) -> Iterator[TokenEvent]:
+    def _generate(self, prompt: np.ndarray, params, cancel) -> Iterator[TokenEvent]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("the engine is already generating; it serves one request at a time")
         try:
+            prompt_ids = prompt.tolist()
             seed = params.seed if params.seed is not None else random.getrandbits(63)
-            self.sampler.start(params, prompt_ids, seed)
+            self.sampler.start(params, prompt, seed)
             stop_ids = self.stop_ids | frozenset(params.stop_token_ids)
             decoder = StreamDecoder(self.tokenizer, prompt_ids)
             stops = StopStrings(params.stop_strings)
@@ -197,7 +199,7 @@ class Engine:
                     break
                 if not pending:
                     if i == 0:
-                        self._prefill(prompt_ids)
+                        self._prefill(prompt_ids, prompt)
                         pending = [int(self.sampler.token.item())]
                         self.decode_steps += 1
                     elif inflight:
@@ -229,18 +231,19 @@ class Engine:
         finally:
             self._lock.release()
 
-    def _prefill(self, ids: list[int]) -> None:
-        """Run the prompt after the longest prefix the cache (or the pool, copied in) already holds."""
+    def _prefill(self, ids: list[int], arr: np.ndarray) -> None:
+        """Run the prompt after the longest prefix the cache (or the pool, copied in) already holds.
+        `arr`: the same ids as an array (what numpy and torch read)."""
         start = 0
         if self.reuse_prompts:
-            start = self.kv_pool.restore(ids, self.cache, self.cache.reusable(ids))
+            start = self.kv_pool.restore(arr, self.cache, self.cache.reusable(ids))
         del self.cache.ids[start:]
-        self.decoder.prefill(ids[start:], start)
+        self.decoder.prefill(arr[start:], start)
         self.cache.ids.extend(ids[start:])
         self.stats["prompt_tokens_cached"] += start
         self.stats["prompt_tokens_prefilled"] += len(ids) - start
         if self.reuse_prompts:
-            self.kv_pool.save(ids, self.cache)
+            self.kv_pool.save(arr, self.cache)
 
     def _make_slots(self) -> None:
         if self._slots is None or len(self._slots) != self.launch_ahead:

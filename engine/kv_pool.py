@@ -68,12 +68,14 @@ class KVPool:
     def _best(self, ids: np.ndarray) -> tuple[int | None, int]:
         best, best_n = None, 0
         for key, e in self._entries.items():
+            if not len(e.ids) or not len(ids) or e.ids[0] != ids[0]:
+                continue  # nothing shared: no comparison of whole prompts (tens of entries, each request)
             n = common_prefix(e.ids, ids)
             if n > best_n:
                 best, best_n = key, n
         return best, best_n
 
-    def restore(self, ids: list[int], cache: KVCache, have: int) -> int:
+    def restore(self, ids, cache: KVCache, have: int) -> int:
         """Copy into `cache` the rows of the entry sharing the longest prefix with `ids`, if it shares
         more than the `have` tokens the cache already holds; returns how many leading tokens of `ids`
         the cache holds now (always leaving the last one to run, as KVCache.reusable does)."""
@@ -87,12 +89,12 @@ class KVPool:
         # rows [0, have) already hold the same tokens: only the rest is copied
         cache.k[:, have:n].copy_(e.k[:, have:n])
         cache.v[:, have:n].copy_(e.v[:, have:n])
-        cache.ids = list(ids[:n])
+        cache.ids = np.asarray(ids[:n]).tolist()
         return n
 
-    def save(self, ids: list[int], cache: KVCache) -> None:
+    def save(self, ids, cache: KVCache) -> None:
         """Keep the cache rows of `ids` (just prefilled, so rows [0, len(ids)) of `cache` are theirs)."""
-        if self.budget_bytes == 0 or not ids:
+        if self.budget_bytes == 0 or len(ids) == 0:
             return
         a = np.asarray(ids, dtype=np.int64)
         key, shared = self._best(a)
