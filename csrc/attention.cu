@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionA
         *reinterpret_cast<__half2*>(a.out + (size_t)(h0 + r) * d + dim) =
             __floats2half2_rn(o[jj][2 * hh] * inv, o[jj][2 * hh + 1] * inv);
       } else {
-        *reinterpret_cast<float2*>(a.scratch + ((size_t)(h0 + r) * a.splits + split) * (d + 4) + dim) =
+        *reinterpret_cast<float2*>(a.scratch + ((size_t)(h0 + r) * a.splits + split) * partial_row(d) + dim) =
             make_float2(o[jj][2 * hh], o[jj][2 * hh + 1]);
       }
     }
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionA
     for (int hh = 0; hh < 2; ++hh) {
       const int r = g + 8 * hh;
       if (r >= rows) continue;
-      float* part = a.scratch + ((size_t)(h0 + r) * a.splits + split) * (d + 4);
+      float* part = a.scratch + ((size_t)(h0 + r) * a.splits + split) * partial_row(d);
       part[d] = hh ? m_bot : m_top;
       part[d + 1] = hh ? l_bot : l_top;
     }
@@ -288,14 +288,14 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionA
   __threadfence();
   // Each row's overall max and sum (a warp per row, its lanes over the splits), then each thread
   // four dims of a row: the splits' weighted values in split order, loads of 8 splits in flight.
-  const size_t stride = (size_t)a.splits * (d + 4);
+  const size_t stride = (size_t)a.splits * partial_row(d);
   for (int r = warp; r < rows; r += kWarps) {
     const float* part = a.scratch + (size_t)(h0 + r) * stride;
     float m = -INFINITY;
-    for (int s = lane; s < active; s += 32) m = fmaxf(m, __ldcg(part + s * (d + 4) + d));
+    for (int s = lane; s < active; s += 32) m = fmaxf(m, __ldcg(part + s * partial_row(d) + d));
     m = warp_max(m);
     float total = 0.f;
-    for (int s = lane; s < active; s += 32) total += __expf(__ldcg(part + s * (d + 4) + d) - m) * __ldcg(part + s * (d + 4) + d + 1);
+    for (int s = lane; s < active; s += 32) total += __expf(__ldcg(part + s * partial_row(d) + d) - m) * __ldcg(part + s * partial_row(d) + d + 1);
     total = warp_sum(total);
     if (lane == 0) {
       sm.row_max[r] = m;
@@ -310,8 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionA
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
     for (int s = 0; s < active; ++s) {
-      const float w = __expf(__ldcg(part + s * (d + 4) + d) - m);
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(part + s * (d + 4) + dim));
+      const float w = __expf(__ldcg(part + s * partial_row(d) + d) - m);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(part + s * partial_row(d) + dim));
       acc = make_float4(fmaf(w, v.x, acc.x), fmaf(w, v.y, acc.y), fmaf(w, v.z, acc.z), fmaf(w, v.w, acc.w));
     }
     const float inv = 1.f / sm.row_sum[r];

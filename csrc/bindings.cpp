@@ -172,7 +172,8 @@ void decode_attention(torch::Tensor qkv, torch::Tensor k_cache, torch::Tensor v_
   TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(1) == kv_heads, "bad head counts");
   TORCH_CHECK(qkv.numel() == (heads + 2 * kv_heads) * d, "qkv size");
   TORCH_CHECK(splits >= kodkod::attention_splits(k_cache.size(0), d), "too few splits for the cache length");
-  TORCH_CHECK(scratch.numel() >= heads * splits * (d + 4) && counters.numel() >= heads, "scratch too small");
+  TORCH_CHECK(scratch.numel() >= kodkod::attention_scratch_floats(heads, splits, d) && counters.numel() >= heads,
+              "scratch too small");
   const c10::cuda::CUDAGuard guard(qkv.device());
   kodkod::AttentionArgs a{};
   a.qkv = ptr<const half>(qkv);
@@ -308,6 +309,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_tokens", &gemv_tokens);
   m.def("decode_attention", &decode_attention);
   m.def("attention_splits", &kodkod::attention_splits);
+  m.def("attention_scratch_floats", &kodkod::attention_scratch_floats);
   m.def("sample", &sample);
   m.def("embed", &embed);
   m.def("rms_norm_rows", &rms_norm_rows);

@@ -354,15 +354,17 @@ __device__ __forceinline__ void norm_stats(const GemvArgs& a, const Smem& sm, fl
   rstd = rsqrtf(block_sum(s, stats) / a.k_in + a.eps);
 }
 
-// The epilogue of one output column: y[0] (and y[1], gated: up) is its sum over all rows.
-__device__ __forceinline__ void store(const GemvArgs& a, int mi, int col, const float (&y)[2]) {
+// The epilogue of one output column: y[0] (and y[1], gated: up) is its sum over all rows, or, for
+// kOutResidualAtomic, over this split's rows (each split adds its own; with_bias on split 0 only).
+__device__ __forceinline__ void store(const GemvArgs& a, int mi, int col, const float (&y)[2], bool with_bias = true) {
   const Matrix& m = a.mat[mi];
-  const float b0 = m.bias ? __half2float(m.bias[col]) : 0.f;
+  const float b0 = m.bias && with_bias ? __half2float(m.bias[col]) : 0.f;
   const int at = a.out_index ? a.out_index[col] : col;  // fp16 outputs only
   switch (a.out_mode) {
     case kOutHalf: static_cast<half*>(a.out[mi])[at] = __float2half(y[0] + b0); break;
     case kOutFloat: static_cast<float*>(a.out[mi])[col] = y[0] + b0; break;
     case kOutResidual: static_cast<float*>(a.out[mi])[col] += y[0] + b0; break;
+    case kOutResidualAtomic: atomicAdd(static_cast<float*>(a.out[mi]) + col, y[0] + b0); break;
     case kOutAct: static_cast<half*>(a.out[mi])[at] = __float2half(activate(round_half(y[0] + b0), a.act)); break;
     case kOutGated: {
       const float b1 = a.mat[1].bias ? __half2float(a.mat[1].bias[col]) : 0.f;
@@ -552,16 +554,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   }
   trace_point(a.trace, 4);
 
-  if (nks > 1 && a.out_mode == kOutResidualAtomic) {  // each split adds its own sums; bias from split 0 only
-    const int col = tile * TILE + threadIdx.x;
-    if (threadIdx.x < TILE && col < a.mat[mi].n_out) {
-      const Matrix& m = a.mat[mi];
-      atomicAdd(static_cast<float*>(a.out[mi]) + col, y[0] + (m.bias && ks == 0 ? __half2float(m.bias[col]) : 0.f));
-    }
-    trace_point(a.trace, 5);
-    return;
-  }
-  if (nks > 1) {  // the last split of this tile adds every split's partial sums, in order
+  const bool atomic = a.out_mode == kOutResidualAtomic;  // each split adds its own sums (store())
+  if (nks > 1 && !atomic) {  // the last split of this tile adds every split's partial sums, in order
     float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
     if (threadIdx.x < TILE) {
       part[ks * parts * TILE + threadIdx.x] = y[0];
@@ -590,7 +584,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   trace_point(a.trace, 5);
 
   const int col = tile * TILE + threadIdx.x;
-  if (threadIdx.x < TILE && col < a.mat[mi].n_out) store(a, mi, col, y);
+  if (threadIdx.x < TILE && col < a.mat[mi].n_out) store(a, mi, col, y, !atomic || ks == 0);
 }
 
 // W [k, n] fp16 in the original row order from one chunk of one 32-column tile (a warp): the same

@@ -88,7 +88,7 @@ struct AttentionArgs {
   const half* k_norm;
   float norm_eps;
   half* out;              // [heads*d]
-  float* scratch;         // [heads, splits, d + 4] partial results: weighted values, max, sum (16-byte rows)
+  float* scratch;         // [heads, splits, partial_row(d)] partial results: weighted values, max, sum
   int* counters;          // [heads] zeroed once; each launch leaves them zero again
   int heads, kv_heads, d, rot_dim, window, splits;
   int chunk;              // set by the launcher: positions a block stages (attention_chunk)
@@ -99,6 +99,10 @@ struct AttentionArgs {
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
 int attention_splits(int max_len, int head_dim);  // splits (and scratch rows per head) a cache needs
+// A split's partial result in AttentionArgs::scratch: d weighted values, max, sum, 2 floats of
+// padding (16-byte rows). The scratch holds heads * splits of them.
+__host__ __device__ inline int partial_row(int d) { return d + 4; }
+inline int64_t attention_scratch_floats(int heads, int splits, int d) { return (int64_t)heads * splits * partial_row(d); }
 
 struct SampleArgs {
   const float* logits;       // [vocab]

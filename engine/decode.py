@@ -217,7 +217,7 @@ class FastDecoder(Decoder):
         self.mlp = torch.zeros(cfg.intermediate_size, dtype=f16, device=dev)
         self.logits = torch.zeros(cfg.vocab_size, device=dev)
         self.splits = ext.attention_splits(cache.max_len, cfg.head_dim)
-        self.scratch = torch.zeros(cfg.num_heads * self.splits * (d + 4), device=dev)
+        self.scratch = torch.zeros(ext.attention_scratch_floats(cfg.num_heads, self.splits, d), device=dev)
         self.counters = torch.zeros(cfg.num_heads, dtype=torch.int32, device=dev)
         # split-K workspace of the GEMVs (csrc/gemv.cu): partial sums and per-tile counters
         self.partials = torch.zeros(1 << 21, device=dev)

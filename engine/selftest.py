@@ -52,7 +52,7 @@ def _attention(ext, seed: int) -> float:
     splits = ext.attention_splits(max_len, d)
     out = torch.full((heads * d,), float("nan"), device="cuda", dtype=torch.float16)
     ext.decode_attention(qkv, kc, vc, torch.tensor([pos], dtype=torch.int32, device="cuda"), cos, sin, None, None,
-                         0.0, out, torch.zeros(heads * splits * (d + 4), device="cuda"),
+                         0.0, out, torch.zeros(ext.attention_scratch_floats(heads, splits, d), device="cuda"),
                          torch.zeros(heads, dtype=torch.int32, device="cuda"), heads, kv, 0, splits, 1 / math.sqrt(d))
     return _rel(out, ref)
 

@@ -26,6 +26,18 @@ class Tokenizer:
         }
         self.eos_token_ids = tuple(eos_token_ids)
         self.bos_token_id = bos_token_id
+        self._fast = self._fast_encode_agrees()
+
+    def _fast_encode_agrees(self) -> bool:
+        """Whether the library's batch form (no offsets: a 1,500-token prompt in 1.2 ms, not 2.0)
+        encodes as the plain form does, special-token text included (checked once: not every
+        version of the library honours encode_special_tokens there)."""
+        probe = "def f(x):\n    return x  # héllo 🎉\n" + "".join(list(self.special_tokens)[:64])
+        try:
+            fast = self._tok.encode_batch_fast([probe], add_special_tokens=False)[0].ids
+        except AttributeError:
+            return False
+        return fast == self._tok.encode(probe, add_special_tokens=False).ids
 
     @classmethod
     def from_dir(cls, path: str | Path, eos_token_ids=(), bos_token_id=None) -> "Tokenizer":
@@ -51,9 +63,10 @@ class Tokenizer:
         return cls(tok, tuple(dict.fromkeys(eos)), bos_token_id)
 
     def encode(self, text: str) -> list[int]:
-        """Plain text to ids. Special-token text in `text` stays text: a prompt cannot forge them.
-        The batch form computes no character offsets: a 1,500-token prompt in 1.2 ms, not 2.0."""
-        return self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        """Plain text to ids. Special-token text in `text` stays text: a prompt cannot forge them."""
+        if self._fast:
+            return self._tok.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)

@@ -259,6 +259,8 @@ def test_encode_equals_the_plain_encode_and_special_text_stays_text():
     from tests.languages.lang_fixtures import QWEN_TOKENS, load_tokenizer
 
     tok = load_tokenizer(QWEN_TOKENS)
+    import tokenizers
+    assert tok._fast or tokenizers.__version__ != "0.23.3"  # the pinned version takes the fast form
     texts = [Path(json.decoder.__file__).read_text(encoding="utf-8"), "", "\n\n  x = 1\r\n",
              "naïve café → 日本語 🎉", "a <|fim_prefix|> b <|fim_middle|>c"]
     for text in texts:

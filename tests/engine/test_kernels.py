@@ -278,7 +278,7 @@ def test_decode_attention_matches_reference(ext, heads, kv_heads, d, rot, window
     ref, kc_ref, vc_ref = attention_reference(qkv, kc, vc, pos, cos, sin, heads, kv_heads, window, *norms)
     splits = ext.attention_splits(max_len, d)
     out = torch.full((heads * d,), float("nan"), device=DEV, dtype=torch.float16)
-    scratch = torch.zeros(heads * splits * (d + 4), device=DEV)
+    scratch = torch.zeros(ext.attention_scratch_floats(heads, splits, d), device=DEV)
     counters = torch.zeros(heads, dtype=torch.int32, device=DEV)
     p = torch.tensor([pos], dtype=torch.int32, device=DEV)
     for _ in range(2):  # the second launch checks that the counters were left at zero
