@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-FIXTURES = (REPO / ".." / "shared" / "fixtures" / "exl2").resolve()
+from tests.conftest import FIXTURES
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,8 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import FIXTURES
+
 REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO.parent / "shared" / "fixtures" / "exl2" / "llama-tiny-4.0bpw"
+MODEL = FIXTURES / "llama-tiny-4.0bpw"
 KODKOD = Path(sys.executable).with_name("kodkod")
 TOKEN = "nvim-test-token"
 

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from engine.tokenizer import Tokenizer
+from tests.conftest import FIXTURES
 
-FIXTURE = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "exl2" / "llama-tiny-fp16"
+FIXTURE = FIXTURES / "llama-tiny-fp16"
 
 
 def load_tokenizer(extra_special: list[str] = ()) -> Tokenizer:
