@@ -219,3 +219,23 @@ def test_pool_replaces_a_keystrokes_entry_in_place_and_evicts_least_recently_use
     small = KVPool(row_bytes)  # one row: nothing fits, nothing is kept
     small.save(typed, cache)
     assert len(small) == 0
+
+
+def test_pool_tells_entries_apart_by_their_first_tokens(engine):
+    """An entry sharing fewer than HEAD leading tokens with a prompt is passed over without a
+    whole-prompt comparison; one sharing more is found among many; short prompts still match."""
+    from engine.kv_pool import HEAD
+
+    cache = engine.cache
+    pool = KVPool(1 << 30)
+    shared = list(range(100, 100 + HEAD + 20))
+    for i in range(30):  # thirty prompts that part from `shared` early (by token i % HEAD)
+        p = shared[:i % HEAD] + [5000 + i] + shared[:40]
+        pool.save(p, cache)
+    pool.save(shared + [7, 8, 9], cache)
+    assert len(pool) == 31
+    assert pool.restore(shared + [7, 8, 1, 2], cache, 0) == len(shared) + 2
+    assert pool.restore(shared[:HEAD - 1] + [1, 2, 3, 4], cache, 0) == 0  # fewer than HEAD shared
+    tiny = KVPool(1 << 30)
+    tiny.save([3, 4, 5], cache)
+    assert tiny.restore([3, 4, 6], cache, 0) == 2  # prompts shorter than HEAD: compared whole
