@@ -75,23 +75,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None and self._ext is not None and x.is_cuda:
-            if start is not None:
-                cache.check_fits(start + t)
-            q = q.contiguous()
-            self._ext.rope_write(q, k.contiguous(), v.contiguous(), cos, sin, positions, cache.k[layer], cache.v[layer])
-            end = cache.max_len if start is None else start + t
-            k, v, key_pos = cache.k[layer, :end], cache.v[layer, :end], cache.positions[:end]
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if cache is None:
-                key_pos = positions
-            elif start is not None:
-                k, v = cache.write(layer, start, k, v)  # all keys/values up to the last new position
-                key_pos = cache.positions[:k.shape[0]]
-            else:
-                k, v = cache.write_at(layer, positions, k, v)
-                key_pos = cache.positions
+        q, k, v, key_pos = self._rotate_and_store(q, k, v, cos, sin, positions, cache, layer, start)
         if keys is not None:
             k, v, key_pos = k[:keys], v[:keys], key_pos[:keys]
         gqa = self.heads != self.kv_heads
@@ -111,6 +95,28 @@ class Attention(nn.Module):
                 mask = attention_mask(key_pos, positions, self.window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
+
+    def _rotate_and_store(self, q, k, v, cos, sin, positions, cache: KVCache | None, layer: int,
+                          start: int | None):
+        """RoPE on q and k; with a cache, k and v written into it. Returns q and what attention reads:
+        the keys, values and their positions (with a cache, its rows up to the last one written,
+        or all of them in the static step)."""
+        t = q.shape[0]
+        if cache is not None and self._ext is not None and q.is_cuda:  # one kernel for all of it
+            if start is not None:
+                cache.check_fits(start + t)
+            q = q.contiguous()
+            self._ext.rope_write(q, k.contiguous(), v.contiguous(), cos, sin, positions, cache.k[layer], cache.v[layer])
+            end = cache.max_len if start is None else start + t
+            return q, cache.k[layer, :end], cache.v[layer, :end], cache.positions[:end]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            return q, k, v, positions
+        if start is not None:
+            k, v = cache.write(layer, start, k, v)  # all keys/values up to the last new position
+            return q, k, v, cache.positions[:k.shape[0]]
+        k, v = cache.write_at(layer, positions, k, v)
+        return q, k, v, cache.positions
 
 
 def attention_mask(key_pos: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
