@@ -78,10 +78,7 @@ class KVPool:
         best, best_n = None, 0
         head = ids[:HEAD].tobytes()
         for key, e in self._entries.items():
-            if len(e.ids) >= HEAD and len(ids) >= HEAD:
-                if e.head != head:
-                    continue
-            elif not len(e.ids) or not len(ids) or e.ids[0] != ids[0]:
+            if len(e.ids) >= HEAD and len(ids) >= HEAD and e.head != head:
                 continue
             n = common_prefix(e.ids, ids)
             if n > best_n:

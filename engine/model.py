@@ -67,17 +67,18 @@ class Attention(nn.Module):
         """With a cache: `start` (a host int) writes positions start.. and attends to what is cached;
         start=None is the static step: positions live on the device, the cache is written at them
         and the cache is attended to under a mask (no host reads, graph-safe): its first `keys`
-        rows (every position written so far lies below), else all of it. `mask`: the static step's
-        mask, built once for all layers (Transformer.forward)."""
+        rows (every position written so far lies below), else all of it. `mask`: which keys each
+        query sees (Transformer.forward builds it once for all layers); None: the keys are exactly
+        the queries' positions, plain causal attention."""
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.heads, self.head_dim)
         k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v, key_pos = self._rotate_and_store(q, k, v, cos, sin, positions, cache, layer, start)
+        q, k, v = self._rotate_and_store(q, k, v, cos, sin, positions, cache, layer, start)
         if keys is not None:
-            k, v, key_pos = k[:keys], v[:keys], key_pos[:keys]
+            k, v = k[:keys], v[:keys]
         gqa = self.heads != self.kv_heads
         # On the CPU, repeated heads let SDPA pick its fused kernels; on a GPU they take the KV heads
         # as they are (a continued prompt over 2,048 keys: 43 us a layer against 54 with the repeat)
@@ -87,20 +88,17 @@ class Attention(nn.Module):
             gqa = False
         # [1, heads, T, d]: SDPA's fused kernels take batched 4-D inputs only
         q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-        if not self.window and (cache is None or start == 0):
-            # keys are exactly the queries' positions: plain causal attention
+        if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
-            if mask is None:
-                mask = attention_mask(key_pos, positions, self.window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
 
     def _rotate_and_store(self, q, k, v, cos, sin, positions, cache: KVCache | None, layer: int,
                           start: int | None):
-        """RoPE on q and k; with a cache, k and v written into it. Returns q and what attention reads:
-        the keys, values and their positions (with a cache, its rows up to the last one written,
-        or all of them in the static step)."""
+        """RoPE on q and k; with a cache, k and v written into it. Returns q and the keys and values
+        attention reads (with a cache, its rows up to the last one written, or all of them in the
+        static step)."""
         t = q.shape[0]
         if cache is not None and self._ext is not None and q.is_cuda:  # one kernel for all of it
             if start is not None:
@@ -108,15 +106,13 @@ class Attention(nn.Module):
             q = q.contiguous()
             self._ext.rope_write(q, k.contiguous(), v.contiguous(), cos, sin, positions, cache.k[layer], cache.v[layer])
             end = cache.max_len if start is None else start + t
-            return q, cache.k[layer, :end], cache.v[layer, :end], cache.positions[:end]
+            return q, cache.k[layer, :end], cache.v[layer, :end]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            return q, k, v, positions
+            return q, k, v
         if start is not None:
-            k, v = cache.write(layer, start, k, v)  # all keys/values up to the last new position
-            return q, k, v, cache.positions[:k.shape[0]]
-        k, v = cache.write_at(layer, positions, k, v)
-        return q, k, v, cache.positions
+            return (q, *cache.write(layer, start, k, v))  # all keys/values up to the last new position
+        return (q, *cache.write_at(layer, positions, k, v))
 
 
 def attention_mask(key_pos: torch.Tensor, positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -183,9 +179,15 @@ class Transformer(nn.Module):
         x = self.embed_tokens[ids]
         static = graph_safe or (cache is not None and start is None)
         cos_sin = self.rope.at(positions) if static else self.rope(positions)
-        mask = None
-        if cache is not None and start is None:  # the static step: one mask for every layer
-            mask = attention_mask(cache.positions[:keys], positions, self.config.sliding_window)
+        # One mask for every layer; none where the keys are exactly the queries' positions
+        # (no cache, or a prompt from position 0) and no window: plain causal attention.
+        mask, window = None, self.config.sliding_window
+        if window or (cache is not None and start != 0):
+            if cache is None:
+                key_pos = positions
+            else:
+                key_pos = cache.positions[:keys] if start is None else cache.positions[:start + ids.shape[0]]
+            mask = attention_mask(key_pos, positions, window)
         for layer in self.layers:
             x = layer(x, positions, cache, cos_sin, start, keys, mask)
         if last_index is not None:  # the row of the last real token of a padded prompt, on the device

@@ -62,24 +62,22 @@ def _weigh(key: tuple, value: tuple) -> int:
 _capture_memo = LRU(CAPTURE_MEMO_ENTRIES, CAPTURE_MEMO_WEIGHT, _weigh)
 
 
-def _memo_key(language: Language, kind: str, name: str, text: str) -> tuple:
-    return (kind, language.grammar, language.queries, language.parse_lead, name, text)
+def _memoised(kind: str, compute, language: Language, name: str, text: str):
+    """compute(language, name, text) through the memo, as a list (None, without a grammar, is not kept)."""
+    key = (kind, language.grammar, language.queries, language.parse_lead, name, text)
+    hit = _capture_memo.get(key)
+    if hit is None:
+        value = compute(language, name, text)
+        if value is None:
+            return None
+        hit = tuple(value)
+        _capture_memo.put(key, hit)
+    return list(hit)
 
 
 def captures(language: Language, name: str, text: str) -> list[tuple[str, str, int]]:
     """(capture name, captured text, start line) for query `name` over `text`."""
-    key = _memo_key(language, "captures", name, text)
-    hit = _capture_memo.get(key)
-    if hit is None:
-        hit = _capture_memo_put(key, _captures(language, name, text))
-    return list(hit)
-
-
-def _capture_memo_put(key: tuple, value):
-    value = tuple(value) if value is not None else None
-    if value is not None:
-        _capture_memo.put(key, value)
-    return value
+    return _memoised("captures", _captures, language, name, text)
 
 
 def _captures(language: Language, name: str, text: str) -> list[tuple[str, str, int]]:
@@ -99,11 +97,7 @@ def _captures(language: Language, name: str, text: str) -> list[tuple[str, str, 
 
 def capture_lines(language: Language, name: str, text: str) -> list[tuple[int, int]] | None:
     """(first line, last line) of every node query `name` captures in `text`; None without a grammar."""
-    key = _memo_key(language, "lines", name, text)
-    hit = _capture_memo.get(key)
-    if hit is None:
-        hit = _capture_memo_put(key, _capture_lines(language, name, text))
-    return list(hit) if hit is not None else None
+    return _memoised("lines", _capture_lines, language, name, text)
 
 
 def _capture_lines(language: Language, name: str, text: str) -> list[tuple[int, int]] | None:
