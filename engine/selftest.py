@@ -57,6 +57,29 @@ def _attention(ext, seed: int) -> float:
     return _rel(out, ref)
 
 
+def _prefill(ext, seed: int) -> float:
+    """The prompt's per-token kernels against their twins: RMSNorm of rows, RoPE with the cache write."""
+    from .model import RMSNorm
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(37, 896, generator=g, device="cuda") * 3).half()
+    norm = RMSNorm((torch.rand(896, generator=g, device="cuda") + 0.5).half(), 1e-6)
+    out = torch.full_like(x, float("nan"))
+    ext.rms_norm_rows(x, norm.weight, out, norm.eps)
+    worst = _rel(out, norm(x))  # no kernels on the module: the torch twin
+    heads, kv, d, t, max_len = 14, 2, 64, 21, 512
+    cos_t, sin_t = Rope({"rope_type": "default", "rope_theta": 10000.0}, d, max_len, "cuda", torch.float16).ensure(max_len)
+    pos = torch.randperm(max_len, generator=g, device="cuda")[:t]
+    cos, sin = cos_t[pos].contiguous(), sin_t[pos].contiguous()
+    q = torch.randn(t, heads, d, generator=g, device="cuda").half()
+    k = torch.randn(t, kv, d, generator=g, device="cuda").half()
+    v = torch.randn(t, kv, d, generator=g, device="cuda").half()
+    kc, vc = torch.zeros(max_len, kv, d, device="cuda").half(), torch.zeros(max_len, kv, d, device="cuda").half()
+    q_ref, k_ref = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    ext.rope_write(q, k, v, cos, sin, pos, kc, vc)
+    return max(worst, _rel(q, q_ref), _rel(kc[pos], k_ref), _rel(vc[pos], v))
+
+
 def _sample(ext, seed: int) -> int:
     g = torch.Generator(device="cuda").manual_seed(seed)
     wrong = 0
@@ -79,16 +102,18 @@ def run(seconds: float = 2.0) -> list[tuple[str, bool, str]]:
     ext = kernels.load()
     if ext is None:
         return [("kernels", False, kernels.reason() or "not built")]
-    worst = {"gemv": 0.0, "attention": 0.0, "sample": 0}
+    worst = {"gemv": 0.0, "attention": 0.0, "prefill": 0.0, "sample": 0}
     runs, seed, end = 0, int(time.time()), time.monotonic() + seconds
     while time.monotonic() < end or runs == 0:
         worst["gemv"] = max(worst["gemv"], _gemv(ext, seed + runs))
         worst["attention"] = max(worst["attention"], _attention(ext, seed + runs))
+        worst["prefill"] = max(worst["prefill"], _prefill(ext, seed + runs))
         worst["sample"] += _sample(ext, seed + runs)
         runs += 1
     torch.cuda.synchronize()
     return [
         ("EXL2 GEMV, 2-8 bits", worst["gemv"] <= 1e-5, f"worst relative error {worst['gemv']:.1e} over {runs} runs"),
         ("decode attention", worst["attention"] <= 2e-3, f"worst relative error {worst['attention']:.1e}"),
+        ("prefill norm, RoPE and cache write", worst["prefill"] <= 1e-3, f"worst relative error {worst['prefill']:.1e}"),
         ("sampling", worst["sample"] == 0, f"{worst['sample']} of {8 * runs} draws differ from the twin"),
     ]
