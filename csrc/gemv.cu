@@ -188,10 +188,9 @@ __device__ __forceinline__ void inputs(const Lane& L, int k, uint32_t (&b)[2]) {
 // The chunk's words come from the shared-memory window (rows of TILE words: constant offsets) or,
 // past it, from global memory: one check per chunk, not per word.
 template <int B, int TILE>
-__device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
-                                           const float (&scale)[4], float (&acc)[2][4]) {
-  constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
-  uint32_t w[W], a[8 * S], b[S][2];
+__device__ __forceinline__ void load_words(const Matrix& m, const Part& p, int4 meta, const Lane& L,
+                                           uint32_t (&w)[chunk_words(B)]) {
+  constexpr int W = chunk_words(B);
   if (meta.x + W <= p.r_hi) {
     const uint32_t* src = reinterpret_cast<const uint32_t*>(p.w) + (meta.x - p.r_lo) * TILE + L.sub * 32 + L.lane;
 #pragma unroll
@@ -201,8 +200,14 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 
 #pragma unroll
     for (int j = 0; j < W; ++j) w[j] = __ldg(src + (size_t)j * m.n);
   }
-#pragma unroll
-  for (int s = 0; s < S; ++s) inputs(L, meta.y + 16 * s, b[s]);
+}
+
+// acc += the chunk's products: decoded, summed exactly in fp32 by the mmas, then scaled.
+template <int B>
+__device__ __forceinline__ void chunk_sums(const uint32_t (&w)[chunk_words(B)], const uint32_t (&b)[chunk_values(B) / 16][2],
+                                           const float (&scale)[4], float (&acc)[2][4]) {
+  constexpr int S = chunk_values(B) / 16;
+  uint32_t a[8 * S];
   decode_pairs<B>(w, a, fp16_1024x2());
   float d[2][4] = {};
 #pragma unroll
@@ -214,6 +219,35 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 
     acc[i][2] = fmaf(d[i][2], scale[2 * i + 1], acc[i][2]);
     acc[i][3] = fmaf(d[i][3], scale[2 * i + 1], acc[i][3]);
   }
+}
+
+template <int B, int TILE>
+__device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
+                                           const float (&scale)[4], float (&acc)[2][4]) {
+  constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
+  uint32_t w[W], b[S][2];
+  load_words<B, TILE>(m, p, meta, L, w);
+#pragma unroll
+  for (int s = 0; s < S; ++s) inputs(L, meta.y + 16 * s, b[s]);
+  chunk_sums<B>(w, b, scale, acc);
+}
+
+// Two chunks of one bit width: every load of both first, then both decodes and mmas, so that one
+// chunk's latency hides behind the other's work (the sums go into acc in chunk order, as one by one).
+template <int B, int TILE>
+__device__ __forceinline__ void exl2_pair(const Matrix& m, const Part& p, int4 m0, int4 m1, const Lane& L,
+                                          const float (&s0)[4], const float (&s1)[4], float (&acc)[2][4]) {
+  constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
+  uint32_t w0[W], w1[W], b0[S][2], b1[S][2];
+  load_words<B, TILE>(m, p, m0, L, w0);
+  load_words<B, TILE>(m, p, m1, L, w1);
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    inputs(L, m0.y + 16 * s, b0[s]);
+    inputs(L, m1.y + 16 * s, b1[s]);
+  }
+  chunk_sums<B>(w0, b0, s0, acc);
+  chunk_sums<B>(w1, b1, s1, acc);
 }
 
 // Dense rows: the pairs of column c are the halves c of rows 2t + 8h and 2t + 8h + 1 (zero past the chunk).
@@ -238,16 +272,39 @@ __device__ __forceinline__ void dense_chunk(const Matrix& m, const Part& p, int4
   mma_step(acc, a, b);
 }
 
+// The scales of a chunk's group, for the lane's 4 columns: staged, or from global memory.
 template <int TILE>
-__device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
-                                              float (&acc)[2][4]) {
-  if (meta.w == kDenseBits) return dense_chunk(m, p, meta, L, acc);
-  float scale[4];
+__device__ __forceinline__ void chunk_scales(const Matrix& m, const Part& p, int4 meta, const Lane& L, float (&scale)[4]) {
   const int g = meta.z - p.g_lo, col0 = L.col + 4 * L.g;
   if (g >= 0 && g < p.g_n)
     group_scales(p.codes[g * (TILE / 8) + L.sub * 4 + L.g / 2], p.smax[g], col0, scale);
   else
     group_scales(__ldg(m.q_scale + (size_t)meta.z * (m.n / 8) + col0 / 8), m.q_scale_max[meta.z], col0, scale);
+}
+
+// Two EXL2 chunks of the same bit width (exl2_pair).
+template <int TILE>
+__device__ __forceinline__ void compute_pair(const Matrix& m, const Part& p, int4 m0, int4 m1, const Lane& L,
+                                             float (&acc)[2][4]) {
+  float s0[4], s1[4];
+  chunk_scales<TILE>(m, p, m0, L, s0);
+  chunk_scales<TILE>(m, p, m1, L, s1);
+  switch (m0.w) {
+    case 2: exl2_pair<2, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 3: exl2_pair<3, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 4: exl2_pair<4, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 5: exl2_pair<5, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 6: exl2_pair<6, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+    default: exl2_pair<8, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+  }
+}
+
+template <int TILE>
+__device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
+                                              float (&acc)[2][4]) {
+  if (meta.w == kDenseBits) return dense_chunk(m, p, meta, L, acc);
+  float scale[4];
+  chunk_scales<TILE>(m, p, meta, L, scale);
   switch (meta.w) {
     case 2: exl2_chunk<2, TILE>(m, p, meta, L, scale, acc); break;
     case 3: exl2_chunk<3, TILE>(m, p, meta, L, scale, acc); break;
@@ -384,7 +441,8 @@ __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
 
 // A block: 8 warps over a tile of TW x 32 columns; warp w takes columns (w % TW) * 32 and every
 // (8 / TW)-th chunk of the block's range. MULTI: a pass of up to 8 tokens (fp16 in and out, no split).
-template <int TW, int MIN_BLOCKS, bool MULTI>
+// PAIRS: a warp takes two chunks of one bit width at a time, all their loads first (more registers).
+template <int TW, int MIN_BLOCKS, bool MULTI, bool PAIRS = false>
 __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvArgs a) {
   constexpr int TILE = TW * 32, SLICES = kWarps / TW;
   extern __shared__ __align__(16) char smem[];
@@ -516,8 +574,20 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     const Matrix& m = a.mat[mi + j];
     L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * a.x_span - p[j].k_lo;
     float acc[2][4] = {};
-    if (L.col < m.n)
-      for (int i = p[j].c_lo + slice; i < p[j].c_hi; i += SLICES) compute_chunk<TILE>(m, p[j], chunks[j][i], L, acc);
+    if (L.col < m.n) {
+      int i = p[j].c_lo + slice;
+      if constexpr (PAIRS)  // two chunks at a time where they share a bit width
+        for (; i + SLICES < p[j].c_hi; i += 2 * SLICES) {
+          const int4 m0 = chunks[j][i], m1 = chunks[j][i + SLICES];
+          if (m0.w == m1.w && m0.w != kDenseBits) {
+            compute_pair<TILE>(m, p[j], m0, m1, L, acc);
+          } else {
+            compute_chunk<TILE>(m, p[j], m0, L, acc);
+            compute_chunk<TILE>(m, p[j], m1, L, acc);
+          }
+        }
+      for (; i < p[j].c_hi; i += SLICES) compute_chunk<TILE>(m, p[j], chunks[j][i], L, acc);
+    }
     const int c = L.sub * 32 + 4 * L.g;
     if constexpr (MULTI) {
       float* r = sm.red + slice * kPassTokens * TILE;
@@ -655,7 +725,7 @@ int sm_count() {
 }
 
 // Shared memory a block of this build may use beyond its static arrays, for MIN_BLOCKS blocks per SM.
-template <int TW, int MIN_BLOCKS, bool MULTI>
+template <int TW, int MIN_BLOCKS, bool MULTI, bool PAIRS>
 int dynamic_smem_budget() {
   static int budget = -1;
   if (budget < 0) {
@@ -663,10 +733,10 @@ int dynamic_smem_budget() {
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
     cudaFuncAttributes attr{};
-    cudaFuncGetAttributes(&attr, gemv_kernel<TW, MIN_BLOCKS, MULTI>);
+    cudaFuncGetAttributes(&attr, gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>);
     budget = std::max(0, per_sm / MIN_BLOCKS - 1024 - (int)attr.sharedSizeBytes) / 16 * 16;  // 1 KB: reserved per block
     if (budget > 48 * 1024)
-      cudaFuncSetAttribute(gemv_kernel<TW, MIN_BLOCKS, MULTI>, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
+      cudaFuncSetAttribute(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
     else
       budget = 48 * 1024 - (int)attr.sharedSizeBytes;
   }
@@ -695,7 +765,7 @@ Plan plan_gemv(int tiles, int min_chunks, bool can_split) {
   return {mb, can_split ? std::max(1, std::min(mb * sms / tiles, most)) : 1};
 }
 
-template <int TW, int MIN_BLOCKS, bool MULTI = false>
+template <int TW, int MIN_BLOCKS, bool MULTI = false, bool PAIRS = false>
 void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   constexpr int TILE = TW * 32;
   const bool gated = a.out_mode == kOutGated;
@@ -724,11 +794,11 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
     rows = std::max(rows, ((a.mat[i].rows * 5 / 4 + splits - 1) / splits + 8) * TILE * (a.mat[i].q_scale ? 4 : 2));
   }
   args.window = 0;
-  const int room = std::max(0, dynamic_smem_budget<TW, MIN_BLOCKS, MULTI>() - (int)smem_bytes(args, TILE, MULTI));
+  const int room = std::max(0, dynamic_smem_budget<TW, MIN_BLOCKS, MULTI, PAIRS>() - (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
   args.trace = trace_region(MULTI ? "tokens" : gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
                             blocks * splits);
-  launch(gemv_kernel<TW, MIN_BLOCKS, MULTI>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
+  launch(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {
@@ -741,10 +811,23 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   Plan plan = plan_gemv(tiles_total, min_chunks, can_split);
   static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
   if (forced == 2 || forced == 3) plan.min_blocks = forced;  // an experiment knob
-  if (wide)
-    plan.min_blocks == 3 ? launch_gemv<4, 3>(a, plan.splits, stream) : launch_gemv<4, 2>(a, plan.splits, stream);
-  else
-    plan.min_blocks == 3 ? launch_gemv<1, 3>(a, plan.splits, stream) : launch_gemv<1, 2>(a, plan.splits, stream);
+  // KODKOD_GEMV_PAIRS (an experiment knob, a bit per build: 1 narrow at 2 blocks per SM, 2 narrow at
+  // 3, 4 wide at 2, 8 wide at 3): two chunks per warp turn (7B's step -7 to -10%, 0.5B's +2-4% when
+  // on for all).
+  static const int pairs = [] { const char* e = std::getenv("KODKOD_GEMV_PAIRS"); return e ? std::atoi(e) : 0; }();
+  const int cls = (wide ? 4 : 1) << (plan.min_blocks == 3 ? 1 : 0);
+  const bool two = (pairs & cls) != 0;
+  if (wide) {
+    if (plan.min_blocks == 3)
+      two ? launch_gemv<4, 3, false, true>(a, plan.splits, stream) : launch_gemv<4, 3>(a, plan.splits, stream);
+    else
+      two ? launch_gemv<4, 2, false, true>(a, plan.splits, stream) : launch_gemv<4, 2>(a, plan.splits, stream);
+  } else {
+    if (plan.min_blocks == 3)
+      two ? launch_gemv<1, 3, false, true>(a, plan.splits, stream) : launch_gemv<1, 3>(a, plan.splits, stream);
+    else
+      two ? launch_gemv<1, 2, false, true>(a, plan.splits, stream) : launch_gemv<1, 2>(a, plan.splits, stream);
+  }
 }
 
 void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,
