@@ -811,12 +811,16 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   Plan plan = plan_gemv(tiles_total, min_chunks, can_split);
   static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
   if (forced == 2 || forced == 3) plan.min_blocks = forced;  // an experiment knob
-  // KODKOD_GEMV_PAIRS (an experiment knob, a bit per build: 1 narrow at 2 blocks per SM, 2 narrow at
-  // 3, 4 wide at 2, 8 wide at 3): two chunks per warp turn (7B's step -7 to -10%, 0.5B's +2-4% when
-  // on for all).
-  static const int pairs = [] { const char* e = std::getenv("KODKOD_GEMV_PAIRS"); return e ? std::atoi(e) : 0; }();
-  const int cls = (wide ? 4 : 1) << (plan.min_blocks == 3 ? 1 : 0);
-  const bool two = (pairs & cls) != 0;
+  // Two chunks per warp turn (PAIRS) where a warp walks many chunks. A/B on the H100 (tok/s 0.5B /
+  // 1.5B / 7B): pairs nowhere 1,184-1,185 / 649-650 / 213; from 4 chunks a warp 1,199 / 646 / 232;
+  // from 6 1,197-1,200 / 647 / 232; from 10 1,198 / 657 / 230 (8 and 10 choose the same launches in
+  // these shapes). Few chunks a warp: more registers, too little latency to hide. An experiment knob:
+  // KODKOD_GEMV_PAIR_CHUNKS, the least chunks per warp for pairs.
+  static const int pair_chunks = [] {
+    const char* e = std::getenv("KODKOD_GEMV_PAIR_CHUNKS");
+    return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
+  }();
+  const bool two = min_chunks / plan.splits / (wide ? 2 : 8) >= pair_chunks;  // 8 / TW warps share a tile's chunks
   if (wide) {
     if (plan.min_blocks == 3)
       two ? launch_gemv<4, 3, false, true>(a, plan.splits, stream) : launch_gemv<4, 3>(a, plan.splits, stream);

@@ -77,10 +77,11 @@ def test_exl2_gemv_matches_fp64_reference(ext, workspace, mix, shape, split):
     assert torch.allclose(lin(x[None])[0].float(), y16.float(), rtol=1e-2, atol=1e-2)  # module forward = kernel
 
 
-@pytest.mark.parametrize("shape", [(40000, 512), (33000, 256)])  # 1,250 tiles of 32; 258 wide tiles of 128
+@pytest.mark.parametrize("shape", [(40000, 512), (33000, 256), (9000, 2048)])  # wide tiles: 313, 258; 282 of 32
 @pytest.mark.parametrize("split", [False, True])
 def test_gemv_grid_larger_than_one_wave(ext, workspace, shape, split):
-    """More tiles than resident blocks: each block takes several units (tile, K split) in turn."""
+    """More tiles than resident blocks: each block takes several units (tile, K split) in turn (wide
+    and narrow tiles at 3 blocks per SM, two chunks per warp turn where K is long enough)."""
     out_f, in_f = shape
     lin = random_layer(ext, out_f, in_f, MIXES[-2], seed=11)
     x = torch.randn(in_f, device=DEV).half()
