@@ -3,11 +3,13 @@
 A request becomes a `Job`. The worker takes jobs from a bounded queue and runs
 them one by one, but it computes nothing on its own initiative: every item a
 job produces (the prepared prompt, then each token event) is made only after
-the consumer asked for it with `await job.next()`. The HTTP side asks for the
-next token only after it has sent the previous one, so tokens are produced as
-the response is sent, and a closed connection stops the engine before its next
-decode step (the engine checks the job's cancel event before every forward
-pass).
+the consumer asked for it with `await job.next()`, with one exception: the first
+choice's prompt runs right after the prepared item is handed over (its consumer
+asks for the first token next; the demand's round trip would delay the prefill).
+The HTTP side asks for the next token only after it has sent the previous one,
+so tokens are produced as the response is sent, and a closed connection stops
+the engine before its next decode step (the engine checks the job's cancel event
+before every forward pass).
 
 A newer job with the same key (server/state.py `supersede_key`: the same tenant and user)
 supersedes an older one that is still queued or running: it takes the older one's place in
@@ -271,7 +273,10 @@ class EngineWorker:
         info, plan = job.prepare()
         job._emit(Item("prepared", info))
         for index, (ids, params) in enumerate(plan):
-            if not job._wait_demand():
+            # The first choice starts at once: its consumer asks for the first token as soon as it
+            # has "prepared", and waiting for that demand would delay the prefill by a round trip
+            # through the event loop. Its first token is still handed over on demand (below).
+            if index > 0 and not job._wait_demand():
                 return
             choice_cancel = threading.Event()
             job._choice = (index, choice_cancel)
@@ -283,8 +288,10 @@ class EngineWorker:
                 if not first and not job._wait_demand():
                     # cancelled between steps: let the engine finish its stream (no forward pass)
                     pass
-                first = False
                 ev = next(gen, None)
+                if first and index == 0:
+                    job._wait_demand()  # the first token's demand, made while the prompt ran: one item per demand
+                first = False
                 if ev is None:
                     break
                 if ev.token_id is not None:
