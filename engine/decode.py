@@ -280,11 +280,16 @@ def fast_path_blocker(model: Transformer, dtype: torch.dtype) -> str | None:
     return None
 
 
-def prepare_fast_path(model: Transformer, ext) -> None:
-    """Hand every linear layer to the kernels (EXL2 stays packed; dense becomes W^T in place)."""
+def prepare_fast_path(model: Transformer, ext, prompt_weights_bytes: int = 0) -> bool:
+    """Hand every linear layer to the kernels (EXL2 stays packed; dense becomes W^T in place).
+    When the layers' fp16 weights fit in `prompt_weights_bytes` (and in half the free device
+    memory), keep them for prompts (EXL2Linear.keep_prompt_weight); returns whether it did."""
+    device = model.embed_tokens.device
     layers = [m for m in model.layers.modules() if isinstance(m, EXL2Linear)]
+    need = sum(m.prompt_weight_bytes() for m in layers)
+    keep = bool(layers) and need <= min(prompt_weights_bytes, torch.cuda.mem_get_info(device)[0] // 2)
     largest = max((m.x_len * m.q_weight.shape[1] for m in layers), default=0)
-    scratch = DequantScratch(largest, model.embed_tokens.device)
+    scratch = DequantScratch(0 if keep else largest, device)
     for module in model.modules():
         if isinstance(module, EXL2Linear):
             module.prepare_kernels(ext, scratch)
@@ -295,3 +300,7 @@ def prepare_fast_path(model: Transformer, ext) -> None:
             module.weight.data = module.weight.data.contiguous()
         if isinstance(module, (RMSNorm, Attention)):  # the prompt's forward: fewer, larger launches
             module._ext = ext
+    if keep:
+        for m in layers:
+            m.keep_prompt_weight()
+    return keep

@@ -91,6 +91,9 @@ class ServerConfig(BaseModel):
     draft_tokens: int | None = Field(None, ge=0, le=32, description="prompt-lookup speculative decoding: "
                                      "longest draft verified per forward pass; 0: off; default: 4 on the CPU, "
                                      "off on a GPU")
+    prompt_weights_mb: int = Field(1024, ge=0, le=1_000_000, description="GPU fast path: memory (MiB) for fp16 "
+                                   "copies of the layers' weights, kept when they fit so that prompts skip "
+                                   "dequantizing them (0.5B: 716 MiB, 0.7 ms less per prompt); 0: never")
 
     @field_validator("upstreams", mode="before")
     @classmethod

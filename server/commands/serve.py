@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-model", help="model name to ask the upstreams for (default: the one they list)")
     p.add_argument("--upstream-token", help="bearer token for the upstreams")
     p.add_argument("--kv-pool-mb", type=int, help="memory for recent prompts' KV rows, MiB (default 512; 0: off)")
+    p.add_argument("--prompt-weights-mb", type=int,
+                   help="GPU: memory for fp16 copies of the layers' weights kept for prompts, MiB (default 1024; 0: never)")
     p.add_argument("--draft-tokens", type=int, help="prompt-lookup speculative decoding: longest draft (0: off; default 4 on the CPU, off on a GPU)")
 
 
@@ -117,7 +119,8 @@ def run(args) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per upstream request
     cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "tokens", "log_prompts",
                                                  "timeout_s", "queue_size", "engine", "upstreams",
-                                                 "upstream_model", "upstream_token", "kv_pool_mb", "draft_tokens")}
+                                                 "upstream_model", "upstream_token", "kv_pool_mb", "draft_tokens",
+                                                 "prompt_weights_mb")}
     try:
         config = load_config(cli, env=_environment(), config_file=args.config)
     except ConfigError as exc:
@@ -162,7 +165,7 @@ def _local_app(config, path: Path):
 
     print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
     engine = load_engine(path, device=config.device, backend=config.backend, kv_pool_mb=config.kv_pool_mb,
-                         draft_tokens=config.draft_tokens)
+                         draft_tokens=config.draft_tokens, prompt_weights_mb=config.prompt_weights_mb)
     _warm_up(engine)
     return create_app(config, engine)
 
@@ -189,5 +192,7 @@ def _warm_up(engine) -> None:
         return
     info = engine.info()
     why = f" ({info['backend_note']})" if info.get("backend_note") else ""
+    if info["backend"] == "cuda":
+        why += f", prompt weights {info['prompt_weights']}"
     print(f"kodkod: {info['backend']} backend{why}, warmed up in {time.monotonic() - t:.1f} s",
           file=sys.stderr, flush=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine import exl2, kernels, load_model
+from engine import GenerationParams, exl2, kernels, load_model
 from engine.convert.quant import Mix, make_groups, rtn
 from engine.linear import DequantScratch, EXL2Linear, Linear
 from engine.model import RMSNorm
@@ -366,6 +366,21 @@ def test_fast_path_generates_what_the_torch_path_generates(ext, name):
     assert fast.backend == "cuda" and slow.backend == "torch"
     assert (fast.logits(ids) - slow.logits(ids)).abs().max().item() < 0.05
     check_greedy_agreement(fast, slow, ids, 128)
+
+
+@pytest.mark.parametrize("name", ["llama-tiny-2.5bpw", "llama-tiny-6.5bpw"])
+def test_kept_prompt_weights_give_the_same_prompt_forward(ext, name):
+    """fp16 weights kept for prompts (the default where they fit) against dequantizing at each
+    prompt: the same kernel writes the same values, so the logits are identical."""
+    ids = load_file(fixture_dir("llama-tiny-4.0bpw") / "golden.safetensors")["input_ids"].tolist()
+    kept = load_model(fixture_dir(name), device="cuda", backend="cuda")
+    each = load_model(fixture_dir(name), device="cuda", backend="cuda", prompt_weights_mb=0)
+    assert kept.prompt_weights and not each.prompt_weights
+    assert kept.info()["prompt_weights"] != each.info()["prompt_weights"]
+    assert len(ids) > 8  # more than PACKED_TOKENS: the dequantize + matmul path
+    assert torch.equal(kept.logits(ids), each.logits(ids))
+    params = GenerationParams(max_new_tokens=24)
+    assert [e.token_id for e in kept.generate(ids, params)] == [e.token_id for e in each.generate(ids, params)]
 
 
 def check_greedy_agreement(fast, slow, ids, n):
