@@ -152,8 +152,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def chart(rows: list[dict], path) -> None:
-    """Decode tok/s per shape and backend, with the bandwidth floor's tok/s for scale (PNG)."""
+def chart(rows: list[dict], path, gpu: str | None = None) -> None:
+    """Decode tok/s per shape and backend, with the bandwidth floor's tok/s for scale (PNG). `gpu`:
+    the title's GPU name (default: this machine's), for a table measured elsewhere."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +174,9 @@ def chart(rows: list[dict], path) -> None:
     ax.set_ylabel("decode tokens/s (batch 1)")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title(f"kodkod engine, {torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+    if gpu is None:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    ax.set_title(f"kodkod engine, {gpu}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
