@@ -149,9 +149,17 @@ class Engine:
             + sum(m.in_features * m.out_features for m in self.model.modules() if isinstance(m, EXL2Linear)),
             "backend": self.backend,
             "backend_note": self.backend_reason,
-            "prompt_weights": "fp16, kept" if self.prompt_weights else "dequantized per prompt",
+            "prompt_weights": self._prompt_weights_note(),
             "max_seq_len": self.max_seq_len,
         }
+
+    def _prompt_weights_note(self) -> str:
+        """What a prompt's forward multiplies by (see prompt_weights_mb)."""
+        if not self.quantized:
+            return "the model's own dense weights"
+        if self.backend != "cuda":
+            return "dense, dequantized once at load"  # the torch path's EXL2Linear.weight cache
+        return "fp16 copies kept" if self.prompt_weights else "dequantized per prompt"
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
