@@ -38,6 +38,9 @@ class ServerConfig(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="where the model runs")
     backend: Literal["auto", "cuda", "torch"] = Field(
         "auto", description="auto: the CUDA kernels on a GPU (torch path if they cannot run); cuda: insist; torch")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="number format the model computes in; auto: fp16 on a GPU, and on the CPU bf16 "
+        "where the CPU multiplies it natively (AVX512-BF16, AMX), else fp32")
     tokens: list[str] = Field(default_factory=list, description="accepted bearer tokens; empty: open server")
     home: Path = Field(default_factory=default_home, description="KODKOD_HOME: models, logs")
     log_file: Path | None = Field(None, description="JSONL event/completion log; default <home>/logs/events.jsonl")

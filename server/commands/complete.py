@@ -62,7 +62,7 @@ def run(args) -> int:
     from server.errors import ApiError
     from server.schemas import CompletionRequest
 
-    engine = load_engine(resolve_model(config.model, config.home), device=config.device)
+    engine = load_engine(resolve_model(config.model, config.home), device=config.device, dtype=config.dtype)
     language = args.language or _language_for(path)
     req = CompletionRequest(language=language, segments={"prefix": prefix, "suffix": suffix, "filepath": str(path)},
                             max_tokens=args.max_tokens, temperature=args.temperature, seed=0)

@@ -65,7 +65,7 @@ def make_completer(args):
         config = config.model_copy(update={"prompt_budget_tokens": args.budget})
     path = resolve_model(config.model, config.home, device=config.device)
     print(f"kodkod eval: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
-    return LocalCompleter(load_model(path, device=config.device), config)
+    return LocalCompleter(load_model(path, device=config.device, dtype=config.dtype), config)
 
 
 def run(args) -> int:

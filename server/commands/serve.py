@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where the model runs (default auto)")
     p.add_argument("--backend", choices=["auto", "cuda", "torch"],
                    help="auto (default): the CUDA kernels on a GPU, else the torch path; cuda: insist; torch")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="number format (default auto: fp16 on a GPU; on the CPU bf16 where it is native, else fp32)")
     p.add_argument("--token", dest="tokens", action="append", metavar="TOKEN",
                    help="accepted bearer token (repeatable); none: the server is open")
     p.add_argument("--config", help="TOML config file (flags > KODKOD_* environment > file)")
@@ -117,8 +119,8 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per upstream request
-    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "tokens", "log_prompts",
-                                                 "timeout_s", "queue_size", "engine", "upstreams",
+    cli = {k: getattr(args, k, None) for k in ("model", "host", "port", "device", "backend", "dtype", "tokens",
+                                                 "log_prompts", "timeout_s", "queue_size", "engine", "upstreams",
                                                  "upstream_model", "upstream_token", "kv_pool_mb", "draft_tokens",
                                                  "prompt_weights_mb")}
     try:
@@ -164,8 +166,9 @@ def _local_app(config, path: Path):
     from server.commands.common import load_engine
 
     print(f"kodkod: loading {path} on {config.device} ...", file=sys.stderr, flush=True)
-    engine = load_engine(path, device=config.device, backend=config.backend, kv_pool_mb=config.kv_pool_mb,
-                         draft_tokens=config.draft_tokens, prompt_weights_mb=config.prompt_weights_mb)
+    engine = load_engine(path, device=config.device, backend=config.backend, dtype=config.dtype,
+                         kv_pool_mb=config.kv_pool_mb, draft_tokens=config.draft_tokens,
+                         prompt_weights_mb=config.prompt_weights_mb)
     _warm_up(engine)
     return create_app(config, engine)
 
@@ -194,5 +197,5 @@ def _warm_up(engine) -> None:
     why = f" ({info['backend_note']})" if info.get("backend_note") else ""
     if info["backend"] == "cuda":
         why += f", prompt weights {info['prompt_weights']}"
-    print(f"kodkod: {info['backend']} backend{why}, warmed up in {time.monotonic() - t:.1f} s",
+    print(f"kodkod: {info['backend']} backend{why}, {info['dtype']}, warmed up in {time.monotonic() - t:.1f} s",
           file=sys.stderr, flush=True)

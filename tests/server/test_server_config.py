@@ -22,7 +22,8 @@ def test_precedence(tmp_path):
 
 def test_defaults_and_home(tmp_path):
     c = load_config({}, env={})
-    assert (c.port, c.device, c.timeout_s, c.tokens) == (8080, "auto", 30.0, [])
+    assert (c.port, c.device, c.timeout_s, c.tokens, c.dtype) == (8080, "auto", 30.0, [], "auto")
+    assert load_config({}, env={"KODKOD_DTYPE": "bfloat16"}).dtype == "bfloat16"
     c = load_config({}, env={"KODKOD_HOME": str(tmp_path)})
     assert c.events_path == tmp_path / "logs" / "events.jsonl"
 
@@ -33,6 +34,7 @@ def test_defaults_and_home(tmp_path):
     ({}, {}, "bogus_key = 1\n", "bogus_key"),
     ({}, {}, "port = [\n", "invalid TOML"),
     ({"device": "tpu"}, {}, None, "--device"),
+    ({}, {"KODKOD_DTYPE": "fp8"}, None, "KODKOD_DTYPE"),
 ])
 def test_errors_say_where(tmp_path, kw, env, text, needle):
     f = None
