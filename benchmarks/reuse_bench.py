@@ -2,6 +2,7 @@
 
     python benchmarks/reuse_bench.py ttft MODEL_DIR [--device auto] [--keys 40] [--file PATH] [--also-template T]
     python benchmarks/reuse_bench.py spec MODEL_DIR [--device auto] [--tasks 12] [--draft 4,8] [--max-tokens 64]
+    (both: [--dtype auto|float32|bfloat16|float16], auto as the server does)
 
 Both run in-process on one engine (no HTTP: the numbers are the engine's and the prompt
 builder's, what a request pays before the network), on the CPU or a GPU, and print a markdown table.
@@ -244,6 +245,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (the server's default), float32, bfloat16, float16")
     ap.add_argument("--budget", type=int, default=2048, help="prompt token budget (the server's default)")
     ap.add_argument("--keys", type=int, default=40, help="ttft: keys typed at the main place")
     ap.add_argument("--switch-keys", type=int, default=8, help="ttft: keys typed at the other place")
@@ -263,7 +265,7 @@ def main() -> int:
         args.file = json.decoder.__file__
     from engine import load_model
 
-    engine = load_model(args.model, device=args.device, backend=args.backend, progress=False)
+    engine = load_model(args.model, device=args.device, backend=args.backend, dtype=args.dtype, progress=False)
     if engine.device.type == "cuda":
         engine.warm_up()
     (run_ttft if args.what == "ttft" else run_spec)(engine, args)
