@@ -14,17 +14,19 @@ from torch import nn
 
 from . import exl2, kernel_layout
 
-FEW_TOKENS = 16  # the CPU: 2 to this many rows go through W x^T (see linear())
+FEW_TOKENS = 16  # the CPU in fp32: 2 to this many rows go through W x^T (see linear())
 # The GPU: inputs of at most this many tokens multiply the packed weights (one pass of gemv_tokens);
 # more dequantize + cuBLAS (at 0.5B, 16 tokens in two passes took 16 us per matrix, that 9).
 PACKED_TOKENS = 8
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T + b. On the CPU a few rows (2 to FEW_TOKENS: a speculative verify pass) go through
-    W x^T: MKL's GEMM for a few rows repacks the whole weight at every call and was 2-4x slower than
-    one row (the 0.5B head: 50 ms for one row, 118 ms for 5 through x W^T, 41 ms through W x^T)."""
-    if x.device.type == "cpu" and x.dim() == 2 and 2 <= x.shape[0] <= FEW_TOKENS:
+    """x W^T + b. On the CPU in fp32 a few rows (2 to FEW_TOKENS: a speculative verify pass) go
+    through W x^T: MKL's GEMM for a few rows repacks the whole weight at every call and was 2-4x
+    slower than one row (the 0.5B head: 50 ms for one row, 118 ms for 5 through x W^T, 41 ms through
+    W x^T). Not in bf16, whose x W^T is the faster form (5 rows through the 0.5B head: 19.8 against
+    24.3 ms; its gate projection: 0.36 against 0.47 ms)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and 2 <= x.shape[0] <= FEW_TOKENS:
         y = (weight @ x.t()).t().contiguous()
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
