@@ -63,7 +63,8 @@ class LocalCompleter:
     def describe(self) -> dict:
         info = self.engine.info()
         return {"model": str(info.get("name")), "path": str(info.get("path")), "device": str(info.get("device")),
-                "quantization": info.get("quantization"), "budget_tokens": self.config.prompt_budget_tokens}
+                "dtype": info.get("dtype"), "quantization": info.get("quantization"),
+                "budget_tokens": self.config.prompt_budget_tokens}
 
     def prepare(self, task: Task, variant: str, max_tokens: int) -> Prepared:
         req = _request(task, max_tokens)
@@ -107,8 +108,9 @@ class HttpCompleter:
         self._health = self.client.get("/v1/health").raise_for_status().json()
 
     def describe(self) -> dict:
+        completion = self._health.get("models", {}).get("completion", {}) or {}
         return {"model": self._health.get("model"), "url": self.url, "device": self._health.get("device"),
-                "quantization": (self._health.get("models", {}).get("completion", {}) or {}).get("quantization")}
+                "dtype": completion.get("dtype"), "quantization": completion.get("quantization")}
 
     def prepare(self, task: Task, variant: str, max_tokens: int) -> Prepared:
         from languages import Segments, resolve_language

@@ -98,7 +98,9 @@ def run(args) -> int:
     report.write_json(out / "eval.json", {"meta": meta, "summary": rows,
                                           "tasks": [_task_row(s) for s in scored]})
     table = report.markdown_table(rows, EVAL_COLUMNS)
-    md = (f"# kodkod eval: {meta['model']} ({meta.get('quantization') or 'fp16/fp32'})\n\n"
+    quant = meta.get("quantization")
+    form = f"EXL2 {quant.get('bits')} bpw" if isinstance(quant, dict) else "dense"
+    md = (f"# kodkod eval: {meta['model']} ({form}, {meta.get('dtype') or 'dtype unknown'}, {meta.get('device')})\n\n"
           f"{meta['tasks']} tasks in {seconds / 60:.1f} min, `{meta['command']}`, commit {meta['commit']}, "
           f"{meta['machine']}, {meta['date']}\n\n{table}\n")
     (out / "eval.md").write_text(md, encoding="utf-8")
