@@ -88,10 +88,17 @@ class Attention(nn.Module):
             gqa = False
         # [1, heads, T, d]: SDPA's fused kernels take batched 4-D inputs only
         q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+        # One query on the CPU in bf16: SDPA in fp32 (one token over 1,500 keys, 14 heads over 2: 169 us
+        # with the upcasts against 1,128 in bf16); several (a verify pass) stay in bf16, faster there
+        upcast = t == 1 and not x.is_cuda and q.dtype != torch.float32
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if upcast:
+            out = out.to(x.dtype)
         return self.o_proj(out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim))
 
     def _rotate_and_store(self, q, k, v, cos, sin, positions, cache: KVCache | None, layer: int,

@@ -45,3 +45,21 @@ def test_bf16_on_the_cpu_computes_what_fp32_does_within_its_precision():
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
     events = list(bf.generate(ids, GenerationParams(max_new_tokens=8, temperature=0)))
     assert events[-1].finish_reason is not None and len(events) >= 2
+
+
+def test_a_bf16_decode_step_attends_in_fp32_and_matches_the_reference():
+    """One token after a cached prompt (the decode step: its attention runs in fp32 from bf16
+    inputs) against the fp32 engine's same step."""
+    ids = load_file(fixture_dir("llama-tiny-4.0bpw") / "golden.safetensors")["input_ids"].tolist()
+    out = []
+    for dtype in (None, "bfloat16"):
+        eng = load_model(fixture_dir("llama-tiny-4.0bpw"), device="cpu", dtype=dtype)
+        n = len(ids) - 1
+        with torch.inference_mode():
+            eng.model(torch.tensor(ids[:n]), torch.arange(n), eng.cache, start=0)
+            step = eng.model(torch.tensor(ids[n:]), torch.tensor([n]), eng.cache, last_only=True, start=n)[0]
+        assert step.dtype == torch.float32 and step.shape == (eng.config.vocab_size,)
+        out.append(step)
+    ref, bf = out
+    assert (ref - bf).abs().max().item() < 0.05 * ref.abs().max().item()
+    assert ref.argmax() == bf.argmax()
