@@ -29,7 +29,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware. On the 2-core AMD EPYC (Zen 4) here, the 0.5B
-    model in bf16 against fp32: decode 1.55x faster, prompts 2.6x, the same pass@1 within noise
-    (docs/performance.md, "The CPU's number format")."""
+    model in bf16 against fp32: decode 1.8-2.0x faster, prompts 1.7-1.9x, the same pass@1 within
+    noise (docs/performance.md, "The CPU's number format")."""
     caps = getattr(torch.cpu, "get_capabilities", dict)()
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
