@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="number format (default auto, as kodkod serve: fp16 on a GPU; on the CPU bf16 where it is native)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop_strings=tuple(args.stop),
         )
-        engine = load_engine(args.model, device=args.device)
+        engine = load_engine(args.model, device=args.device, dtype=args.dtype)
         ids = engine.tokenizer.encode(prompt)
         events = engine.generate(ids, params)
     except ValueError as exc:  # bad sampling settings or prompt

@@ -25,7 +25,7 @@ def test_generate_prints_the_stream():
     assert r.returncode == 0, r.stderr
     from engine import GenerationParams, load_model
 
-    eng = load_model(model, device="cpu")
+    eng = load_model(model, device="cpu", dtype="auto")  # the command's default, as the server's
     expect = "".join(e.text for e in eng.generate(eng.tokenizer.encode("def load(path):"),
                                                   GenerationParams(max_new_tokens=12)))
     assert r.stdout == expect + "\n"
