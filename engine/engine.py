@@ -13,8 +13,8 @@ import torch
 
 from . import kernels
 from .config import ModelConfig, ModelError
-from .dtypes import resolve_dtype
 from .decode import FastDecoder, TorchDecoder, fast_path_blocker, prepare_fast_path
+from .dtypes import resolve_dtype
 from .kv_cache import KVCache
 from .kv_pool import KVPool
 from .linear import EXL2Linear

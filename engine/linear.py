@@ -113,10 +113,7 @@ class EXL2Linear(nn.Module):
         """The HF weight [out, in] in fp32 (the reference dequantization), `block` columns at a time so
         that a vocabulary-sized head never holds its integer temporaries all at once."""
         if self.kernel_matrix is not None:
-            k, n = self.in_features, self.q_weight.shape[1]
-            w = torch.empty(k, n, dtype=torch.float16, device=self.q_weight.device)
-            self._ext.dequant(self.kernel_matrix, w)
-            return w[:, :self.out_features].T.float()
+            return self._kernel_weight().T.float()
         t = self.tensors()
         n = t["q_weight"].shape[1]
         if n <= block:
@@ -158,6 +155,14 @@ class EXL2Linear(nn.Module):
                                                     None, _half(self.bias), self.out_features, self.x_len)
         self.input_order = self.q_invperm
 
+    def _kernel_weight(self, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """W^T [in, out] in fp16 from the dequantization kernel, rows in their original order (no
+        gather of x), written into `buf` (in x n elements) when given, else into a new tensor."""
+        k, n = self.in_features, self.q_weight.shape[1]
+        w = torch.empty(k, n, dtype=torch.float16, device=self.q_weight.device) if buf is None else buf.view(k, n)
+        self._ext.dequant(self.kernel_matrix, w)
+        return w[:, :self.out_features]
+
     def prompt_weight_bytes(self) -> int:
         return self.in_features * self.q_weight.shape[1] * 2
 
@@ -166,9 +171,7 @@ class EXL2Linear(nn.Module):
         tokens (prompts), which then skip their dequantization (0.7 ms of a 0.5B prompt's forward
         on the H100) for prompt_weight_bytes() of device memory. The same values as dequantizing
         each time: the same kernel writes them."""
-        w = torch.empty(self.in_features, self.q_weight.shape[1], dtype=torch.float16, device=self.q_weight.device)
-        self._ext.dequant(self.kernel_matrix, w)
-        self._prompt_w = w[:, :self.out_features]
+        self._prompt_w = self._kernel_weight()
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from .kernels import IN_HALF, OUT_HALF
@@ -185,9 +188,7 @@ class EXL2Linear(nn.Module):
             return out.view(*lead, self.out_features).to(x.dtype)
         w = self._prompt_w
         if w is None:
-            w = self._scratch.get(k * self.q_weight.shape[1], x.device).view(k, -1)
-            self._ext.dequant(self.kernel_matrix, w)  # W in the original row order: no gather of x
-            w = w[:, :self.out_features]
+            w = self._kernel_weight(self._scratch.get(k * self.q_weight.shape[1], x.device))
         y = x2 @ w if self.bias is None else torch.addmm(self.bias, x2, w)
         return y.view(*lead, self.out_features).to(x.dtype)
 
