@@ -401,37 +401,61 @@ __host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, b
 
 // Input rows [k_lo, k_hi) of one part into xs[0, k_hi - k_lo), through the staged permutation rows
 // (perm[0, ...) likewise): fp16 input from global memory, or the normalized residual stream from
-// shared memory.
+// shared memory. A thread's kGatherBatch values are all read before any is stored: the stores
+// could alias the reads as far as the compiler knows, so it would otherwise wait out each read's
+// latency (a round trip to L2 for fp16 inputs) one value at a time.
+constexpr int kGatherBatch = 8;
+
+__device__ __forceinline__ float input_value(const GemvArgs& a, const Smem& sm, const uint16_t* perm, bool permuted,
+                                             int k, int k_lo, float mean, float rstd) {
+  if (k >= a.k_in) return 0.f;
+  const int src = permuted ? perm[k - k_lo] : k;
+  if (a.in_mode == kInHalf) return __half2float(static_cast<const half*>(a.x)[src]);
+  if (a.in_mode == kInRmsNorm) return round_half(sm.h[src] * rstd) * __half2float(sm.norm_w[src]);
+  return (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
+}
+
 __device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool permuted, int k_lo, int k_hi,
                              float mean, float rstd) {
   half* xs = sm.xs + j * a.x_span;
   const uint16_t* perm = sm.perm + j * a.x_span;
-  for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
-    float v = 0.f;
-    if (k < a.k_in) {
-      const int src = permuted ? perm[k - k_lo] : k;
-      if (a.in_mode == kInHalf)
-        v = __half2float(static_cast<const half*>(a.x)[src]);
-      else if (a.in_mode == kInRmsNorm)
-        v = round_half(sm.h[src] * rstd) * __half2float(sm.norm_w[src]);
-      else
-        v = (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
+  for (int k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += kGatherBatch * blockDim.x) {
+    float v[kGatherBatch];
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int k = k0 + u * blockDim.x;
+      v[u] = k < k_hi ? input_value(a, sm, perm, permuted, k, k_lo, mean, rstd) : 0.f;
     }
-    xs[k - k_lo] = __float2half(v);
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int k = k0 + u * blockDim.x;
+      if (k < k_hi) xs[k - k_lo] = __float2half(v[u]);
+    }
   }
 }
 
 // The residual stream read once into shared memory (sm.h), with its norm's statistics from the same
-// pass (LayerNorm: its mean first, then the squares from shared memory); block_sum's barriers publish sm.h.
+// pass (LayerNorm: its mean first, then the squares from shared memory); block_sum's barriers publish
+// sm.h. A thread's loads are issued in batches before it waits on any (each is a round trip to L2).
 __device__ __forceinline__ void norm_stats(const GemvArgs& a, const Smem& sm, float* stats, float& mean, float& rstd) {
   const float* h = static_cast<const float*>(a.x);
+  const bool layer = a.in_mode == kInLayerNorm;
   float s = 0.f;
-  for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-    const float v = __ldcg(h + i);
-    sm.h[i] = v;
-    s += a.in_mode == kInLayerNorm ? v : v * v;
+  for (int i0 = threadIdx.x; i0 < a.k_in; i0 += kGatherBatch * blockDim.x) {
+    float v[kGatherBatch];
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      v[u] = i < a.k_in ? __ldcg(h + i) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i < a.k_in) sm.h[i] = v[u];
+      s += layer ? v[u] : v[u] * v[u];
+    }
   }
-  if (a.in_mode == kInLayerNorm) {
+  if (layer) {
     mean = block_sum(s, stats) / a.k_in;
     s = 0.f;
     for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
