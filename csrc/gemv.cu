@@ -186,12 +186,13 @@ __device__ __forceinline__ void inputs(const Lane& L, int k, uint32_t (&b)[2]) {
 // acc: per mma (lane columns 0-1, 2-3) the C fragment: [0] column 2m, n = 2t; [1] n = 2t + 1;
 // [2], [3] column 2m + 1. Per chunk the integer products are summed exactly in fp32, then scaled.
 // The chunk's words come from the shared-memory window (rows of TILE words: constant offsets) or,
-// past it, from global memory: one check per chunk, not per word.
-template <int B, int TILE>
+// past it, from global memory: the caller walks the chunks in the window and those past it in
+// loops of their own (WINDOW), so that no chunk issues both paths' instructions.
+template <int B, int TILE, bool WINDOW>
 __device__ __forceinline__ void load_words(const Matrix& m, const Part& p, int4 meta, const Lane& L,
                                            uint32_t (&w)[chunk_words(B)]) {
   constexpr int W = chunk_words(B);
-  if (meta.x + W <= p.r_hi) {
+  if constexpr (WINDOW) {
     const uint32_t* src = reinterpret_cast<const uint32_t*>(p.w) + (meta.x - p.r_lo) * TILE + L.sub * 32 + L.lane;
 #pragma unroll
     for (int j = 0; j < W; ++j) w[j] = src[j * TILE];
@@ -221,12 +222,12 @@ __device__ __forceinline__ void chunk_sums(const uint32_t (&w)[chunk_words(B)], 
   }
 }
 
-template <int B, int TILE>
+template <int B, int TILE, bool WINDOW>
 __device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
                                            const float (&scale)[4], float (&acc)[2][4]) {
   constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
   uint32_t w[W], b[S][2];
-  load_words<B, TILE>(m, p, meta, L, w);
+  load_words<B, TILE, WINDOW>(m, p, meta, L, w);
 #pragma unroll
   for (int s = 0; s < S; ++s) inputs(L, meta.y + 16 * s, b[s]);
   chunk_sums<B>(w, b, scale, acc);
@@ -234,13 +235,13 @@ __device__ __forceinline__ void exl2_chunk(const Matrix& m, const Part& p, int4 
 
 // Two chunks of one bit width: every load of both first, then both decodes and mmas, so that one
 // chunk's latency hides behind the other's work (the sums go into acc in chunk order, as one by one).
-template <int B, int TILE>
+template <int B, int TILE, bool WINDOW>
 __device__ __forceinline__ void exl2_pair(const Matrix& m, const Part& p, int4 m0, int4 m1, const Lane& L,
                                           const float (&s0)[4], const float (&s1)[4], float (&acc)[2][4]) {
   constexpr int S = chunk_values(B) / 16, W = chunk_words(B);
   uint32_t w0[W], w1[W], b0[S][2], b1[S][2];
-  load_words<B, TILE>(m, p, m0, L, w0);
-  load_words<B, TILE>(m, p, m1, L, w1);
+  load_words<B, TILE, WINDOW>(m, p, m0, L, w0);
+  load_words<B, TILE, WINDOW>(m, p, m1, L, w1);
 #pragma unroll
   for (int s = 0; s < S; ++s) {
     inputs(L, m0.y + 16 * s, b0[s]);
@@ -283,35 +284,35 @@ __device__ __forceinline__ void chunk_scales(const Matrix& m, const Part& p, int
 }
 
 // Two EXL2 chunks of the same bit width (exl2_pair).
-template <int TILE>
+template <int TILE, bool WINDOW>
 __device__ __forceinline__ void compute_pair(const Matrix& m, const Part& p, int4 m0, int4 m1, const Lane& L,
                                              float (&acc)[2][4]) {
   float s0[4], s1[4];
   chunk_scales<TILE>(m, p, m0, L, s0);
   chunk_scales<TILE>(m, p, m1, L, s1);
   switch (m0.w) {
-    case 2: exl2_pair<2, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
-    case 3: exl2_pair<3, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
-    case 4: exl2_pair<4, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
-    case 5: exl2_pair<5, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
-    case 6: exl2_pair<6, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
-    default: exl2_pair<8, TILE>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 2: exl2_pair<2, TILE, WINDOW>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 3: exl2_pair<3, TILE, WINDOW>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 4: exl2_pair<4, TILE, WINDOW>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 5: exl2_pair<5, TILE, WINDOW>(m, p, m0, m1, L, s0, s1, acc); break;
+    case 6: exl2_pair<6, TILE, WINDOW>(m, p, m0, m1, L, s0, s1, acc); break;
+    default: exl2_pair<8, TILE, WINDOW>(m, p, m0, m1, L, s0, s1, acc); break;
   }
 }
 
-template <int TILE>
+template <int TILE, bool WINDOW>
 __device__ __forceinline__ void compute_chunk(const Matrix& m, const Part& p, int4 meta, const Lane& L,
                                               float (&acc)[2][4]) {
   if (meta.w == kDenseBits) return dense_chunk(m, p, meta, L, acc);
   float scale[4];
   chunk_scales<TILE>(m, p, meta, L, scale);
   switch (meta.w) {
-    case 2: exl2_chunk<2, TILE>(m, p, meta, L, scale, acc); break;
-    case 3: exl2_chunk<3, TILE>(m, p, meta, L, scale, acc); break;
-    case 4: exl2_chunk<4, TILE>(m, p, meta, L, scale, acc); break;
-    case 5: exl2_chunk<5, TILE>(m, p, meta, L, scale, acc); break;
-    case 6: exl2_chunk<6, TILE>(m, p, meta, L, scale, acc); break;
-    default: exl2_chunk<8, TILE>(m, p, meta, L, scale, acc); break;
+    case 2: exl2_chunk<2, TILE, WINDOW>(m, p, meta, L, scale, acc); break;
+    case 3: exl2_chunk<3, TILE, WINDOW>(m, p, meta, L, scale, acc); break;
+    case 4: exl2_chunk<4, TILE, WINDOW>(m, p, meta, L, scale, acc); break;
+    case 5: exl2_chunk<5, TILE, WINDOW>(m, p, meta, L, scale, acc); break;
+    case 6: exl2_chunk<6, TILE, WINDOW>(m, p, meta, L, scale, acc); break;
+    default: exl2_chunk<8, TILE, WINDOW>(m, p, meta, L, scale, acc); break;
   }
 }
 
@@ -323,6 +324,36 @@ struct Chunks {
   int lo;
   __device__ __forceinline__ int4 operator[](int i) const { return staged ? staged[i - lo] : __ldg(global + i); }
 };
+
+// The first chunk of [lo, hi) whose packed rows reach past row r_hi (chunks are in row order):
+// where a warp's chunks stop coming from the window.
+__device__ __forceinline__ int first_beyond(const Chunks& c, int lo, int hi, int r_hi) {
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    const int4 e = c[mid];
+    if (e.x + chunk_packed_rows(e) <= r_hi) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// A warp's chunks i, i + SLICES, ... below end, all from the window or all from global memory.
+// PAIRS: two chunks at a time where they share a bit width. Returns the first chunk not taken.
+template <int TILE, int SLICES, bool PAIRS, bool WINDOW>
+__device__ __forceinline__ int walk(const Matrix& m, const Part& p, const Chunks& chunks, int i, int end, const Lane& L,
+                                   float (&acc)[2][4]) {
+  if constexpr (PAIRS)
+    for (; i + SLICES < end; i += 2 * SLICES) {
+      const int4 m0 = chunks[i], m1 = chunks[i + SLICES];
+      if (m0.w == m1.w && m0.w != kDenseBits) {
+        compute_pair<TILE, WINDOW>(m, p, m0, m1, L, acc);
+      } else {
+        compute_chunk<TILE, WINDOW>(m, p, m0, L, acc);
+        compute_chunk<TILE, WINDOW>(m, p, m1, L, acc);
+      }
+    }
+  for (; i < end; i += SLICES) compute_chunk<TILE, WINDOW>(m, p, chunks[i], L, acc);
+  return i;
+}
 
 // Shared memory of a block (dynamic part), in this order: the gathered input of each part
 // (fp16), each part's permutation rows (uint16, staged before the input is ready), and for the
@@ -370,37 +401,61 @@ __host__ __device__ inline size_t smem_bytes(const GemvArgs& a, int tile_cols, b
 
 // Input rows [k_lo, k_hi) of one part into xs[0, k_hi - k_lo), through the staged permutation rows
 // (perm[0, ...) likewise): fp16 input from global memory, or the normalized residual stream from
-// shared memory.
+// shared memory. A thread's kGatherBatch values are all read before any is stored: the stores
+// could alias the reads as far as the compiler knows, so it would otherwise wait out each read's
+// latency (a round trip to L2 for fp16 inputs) one value at a time.
+constexpr int kGatherBatch = 8;
+
+__device__ __forceinline__ float input_value(const GemvArgs& a, const Smem& sm, const uint16_t* perm, bool permuted,
+                                             int k, int k_lo, float mean, float rstd) {
+  if (k >= a.k_in) return 0.f;
+  const int src = permuted ? perm[k - k_lo] : k;
+  if (a.in_mode == kInHalf) return __half2float(static_cast<const half*>(a.x)[src]);
+  if (a.in_mode == kInRmsNorm) return round_half(sm.h[src] * rstd) * __half2float(sm.norm_w[src]);
+  return (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
+}
+
 __device__ void gather_input(const GemvArgs& a, const Smem& sm, int j, bool permuted, int k_lo, int k_hi,
                              float mean, float rstd) {
   half* xs = sm.xs + j * a.x_span;
   const uint16_t* perm = sm.perm + j * a.x_span;
-  for (int k = k_lo + threadIdx.x; k < k_hi; k += blockDim.x) {
-    float v = 0.f;
-    if (k < a.k_in) {
-      const int src = permuted ? perm[k - k_lo] : k;
-      if (a.in_mode == kInHalf)
-        v = __half2float(static_cast<const half*>(a.x)[src]);
-      else if (a.in_mode == kInRmsNorm)
-        v = round_half(sm.h[src] * rstd) * __half2float(sm.norm_w[src]);
-      else
-        v = (sm.h[src] - mean) * rstd * __half2float(sm.norm_w[src]) + __half2float(sm.norm_b[src]);
+  for (int k0 = k_lo + threadIdx.x; k0 < k_hi; k0 += kGatherBatch * blockDim.x) {
+    float v[kGatherBatch];
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int k = k0 + u * blockDim.x;
+      v[u] = k < k_hi ? input_value(a, sm, perm, permuted, k, k_lo, mean, rstd) : 0.f;
     }
-    xs[k - k_lo] = __float2half(v);
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int k = k0 + u * blockDim.x;
+      if (k < k_hi) xs[k - k_lo] = __float2half(v[u]);
+    }
   }
 }
 
 // The residual stream read once into shared memory (sm.h), with its norm's statistics from the same
-// pass (LayerNorm: its mean first, then the squares from shared memory); block_sum's barriers publish sm.h.
+// pass (LayerNorm: its mean first, then the squares from shared memory); block_sum's barriers publish
+// sm.h. A thread's loads are issued in batches before it waits on any (each is a round trip to L2).
 __device__ __forceinline__ void norm_stats(const GemvArgs& a, const Smem& sm, float* stats, float& mean, float& rstd) {
   const float* h = static_cast<const float*>(a.x);
+  const bool layer = a.in_mode == kInLayerNorm;
   float s = 0.f;
-  for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
-    const float v = __ldcg(h + i);
-    sm.h[i] = v;
-    s += a.in_mode == kInLayerNorm ? v : v * v;
+  for (int i0 = threadIdx.x; i0 < a.k_in; i0 += kGatherBatch * blockDim.x) {
+    float v[kGatherBatch];
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      v[u] = i < a.k_in ? __ldcg(h + i) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kGatherBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i < a.k_in) sm.h[i] = v[u];
+      s += layer ? v[u] : v[u] * v[u];
+    }
   }
-  if (a.in_mode == kInLayerNorm) {
+  if (layer) {
     mean = block_sum(s, stats) / a.k_in;
     s = 0.f;
     for (int i = threadIdx.x; i < a.k_in; i += blockDim.x) {
@@ -526,9 +581,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
                m.q_scale + (size_t)(p[j].g_lo + g) * (m.n / 8) + tile * (TILE / 8) + c * 4);
     }
     for (int i = threadIdx.x; i < p[j].g_n; i += blockDim.x) p[j].smax[i] = m.q_scale_max[p[j].g_lo + i];
-    if (L.col < m.n)
-      for (int r = p[j].r_hi + slice; r < p[j].r_end; r += SLICES)  // beyond the window: toward L2
-        if (L.lane == 0) prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + L.col) * elem);
+    if (L.col < m.n)  // beyond the window: toward L2, a row of the warp's columns (one line) per lane
+      for (int r = p[j].r_hi + slice * 32 + L.lane; r < p[j].r_end; r += SLICES * 32)
+        prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + L.col) * elem);
   }
   if (a.in_mode != kInHalf && !MULTI) {
     for (int i = 4 * threadIdx.x; i < a.k_in; i += 4 * blockDim.x) {
@@ -575,18 +630,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
     L.x = MULTI ? static_cast<const half*>(a.x) + (size_t)L.g * stride : sm.xs + j * a.x_span - p[j].k_lo;
     float acc[2][4] = {};
     if (L.col < m.n) {
-      int i = p[j].c_lo + slice;
-      if constexpr (PAIRS)  // two chunks at a time where they share a bit width
-        for (; i + SLICES < p[j].c_hi; i += 2 * SLICES) {
-          const int4 m0 = chunks[j][i], m1 = chunks[j][i + SLICES];
-          if (m0.w == m1.w && m0.w != kDenseBits) {
-            compute_pair<TILE>(m, p[j], m0, m1, L, acc);
-          } else {
-            compute_chunk<TILE>(m, p[j], m0, L, acc);
-            compute_chunk<TILE>(m, p[j], m1, L, acc);
-          }
-        }
-      for (; i < p[j].c_hi; i += SLICES) compute_chunk<TILE>(m, p[j], chunks[j][i], L, acc);
+      const int past = p[j].r_hi < p[j].r_end ? first_beyond(chunks[j], p[j].c_lo, p[j].c_hi, p[j].r_hi) : p[j].c_hi;
+      const int i = walk<TILE, SLICES, PAIRS, true>(m, p[j], chunks[j], p[j].c_lo + slice, past, L, acc);
+      walk<TILE, SLICES, PAIRS, false>(m, p[j], chunks[j], i, p[j].c_hi, L, acc);
     }
     const int c = L.sub * 32 + 4 * L.g;
     if constexpr (MULTI) {
