@@ -296,6 +296,16 @@ pybind11::tuple trace_read() {
   return pybind11::make_tuple(names, stamps);
 }
 
+pybind11::dict gemv_last_plan() {
+  const kodkod::GemvPlan p = kodkod::gemv_last_plan();
+  pybind11::dict d;
+  d["splits"] = p.splits;
+  d["min_blocks"] = p.min_blocks;
+  d["blocks"] = p.blocks;
+  d["units"] = p.units;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -305,6 +315,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("norm_w"), pybind11::arg("norm_b"), pybind11::arg("eps"), pybind11::arg("out_mode"),
         pybind11::arg("act"), pybind11::arg("outs"), pybind11::arg("partials") = pybind11::none(),
         pybind11::arg("counters") = pybind11::none(), pybind11::arg("out_index") = pybind11::none());
+  m.def("gemv_last_plan", &gemv_last_plan);
   m.def("dequant", &dequant);
   m.def("gemv_tokens", &gemv_tokens);
   m.def("decode_attention", &decode_attention);

@@ -494,6 +494,82 @@ __device__ __forceinline__ int2 split_range(const Matrix& m, int ks, int nks) {
   return make_int2((int)((long long)m.n_chunks * ks / nks), (int)((long long)m.n_chunks * (ks + 1) / nks));
 }
 
+// The norm's weight and bias into shared memory (before the dependency wait: they are parameters).
+__device__ __forceinline__ void stage_norm(const GemvArgs& a, const Smem& sm) {
+  if (a.in_mode == kInHalf) return;
+  for (int i = 4 * threadIdx.x; i < a.k_in; i += 4 * blockDim.x) {
+    if (i + 4 <= a.k_in && a.k_in % 4 == 0) {
+      copy8(sm.norm_w + i, a.norm_w + i);
+      if (a.in_mode == kInLayerNorm) copy8(sm.norm_b + i, a.norm_b + i);
+    } else {
+      for (int e = i; e < min(i + 4, a.k_in); ++e) {
+        sm.norm_w[e] = a.norm_w[e];
+        if (a.in_mode == kInLayerNorm) sm.norm_b[e] = a.norm_b[e];
+      }
+    }
+  }
+}
+
+// One token: the warps' sums of their slices of K, added per column in slice order (thread i < TILE
+// holds column i's). Safe to call back to back.
+template <int TILE, int SLICES>
+__device__ __forceinline__ float slice_sums(const Smem& sm, const Lane& L, int slice, const float (&acc)[2][4]) {
+  if (L.t == 0) {  // every n of the mma holds the token
+    float* r = sm.red + slice * TILE + L.sub * 32 + 4 * L.g;
+    r[0] = acc[0][0];
+    r[1] = acc[0][2];
+    r[2] = acc[1][0];
+    r[3] = acc[1][2];
+  }
+  __syncthreads();
+  float y = 0.f;
+  if (threadIdx.x < TILE)
+#pragma unroll
+    for (int w = 0; w < SLICES; ++w) y += sm.red[w * TILE + threadIdx.x];
+  __syncthreads();
+  return y;
+}
+
+// A unit's sums y (thread i < TILE: column i of tile `tile` of matrix mi; gated: y[1] up's) to the
+// output: split over K (nks > 1), the last split of the tile to finish adds every split's partial
+// sums in order (slot: the tile's index over the launch's matrices), or each split adds its own
+// into the residual stream (kOutResidualAtomic); then the epilogue.
+template <int TILE>
+__device__ __forceinline__ void finish(const GemvArgs& a, int mi, int slot, int tile, int ks, int nks, float (&y)[2]) {
+  __shared__ bool last;
+  const bool gated = a.out_mode == kOutGated, atomic = a.out_mode == kOutResidualAtomic;
+  const int parts = gated ? 2 : 1;
+  if (nks > 1 && !atomic) {
+    float* part = a.partials + (size_t)slot * nks * TILE * parts;
+    if (threadIdx.x < TILE) {
+      part[ks * parts * TILE + threadIdx.x] = y[0];
+      if (gated) part[(ks * parts + 1) * TILE + threadIdx.x] = y[1];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(a.counters + slot, 1) == nks - 1;
+    __syncthreads();
+    if (!last) {
+      trace_point(a.trace, 5);
+      return;
+    }
+    __threadfence();
+    if (threadIdx.x < TILE) {
+      y[0] = y[1] = 0.f;
+#pragma unroll 8
+      for (int k = 0; k < nks; ++k) {
+        y[0] += __ldcg(part + k * parts * TILE + threadIdx.x);
+        if (gated) y[1] += __ldcg(part + (k * parts + 1) * TILE + threadIdx.x);
+      }
+    }
+    if (threadIdx.x == 0) a.counters[slot] = 0;
+    trace_point(a.trace, 6);  // the merge's end (last split only)
+  }
+  trace_point(a.trace, 5);
+  const int col = tile * TILE + threadIdx.x;
+  if (threadIdx.x < TILE && col < a.mat[mi].n_out) store(a, mi, col, y, !atomic || ks == 0);
+}
+
 // A block: 8 warps over a tile of TW x 32 columns; warp w takes columns (w % TW) * 32 and every
 // (8 / TW)-th chunk of the block's range. MULTI: a pass of up to 8 tokens (fp16 in and out, no split).
 // PAIRS: a warp takes two chunks of one bit width at a time, all their loads first (more registers).
@@ -502,7 +578,6 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   constexpr int TILE = TW * 32, SLICES = kWarps / TW;
   extern __shared__ __align__(16) char smem[];
   __shared__ float stats[32];
-  __shared__ bool last;
 
   const bool gated = a.out_mode == kOutGated;
   const int parts = gated ? 2 : 1;
@@ -585,19 +660,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       for (int r = p[j].r_hi + slice * 32 + L.lane; r < p[j].r_end; r += SLICES * 32)
         prefetch_l2(reinterpret_cast<const char*>(m.q_weight) + ((size_t)r * m.n + L.col) * elem);
   }
-  if (a.in_mode != kInHalf && !MULTI) {
-    for (int i = 4 * threadIdx.x; i < a.k_in; i += 4 * blockDim.x) {
-      if (i + 4 <= a.k_in && a.k_in % 4 == 0) {
-        copy8(sm.norm_w + i, a.norm_w + i);
-        if (a.in_mode == kInLayerNorm) copy8(sm.norm_b + i, a.norm_b + i);
-      } else {
-        for (int e = i; e < min(i + 4, a.k_in); ++e) {
-          sm.norm_w[e] = a.norm_w[e];
-          if (a.in_mode == kInLayerNorm) sm.norm_b[e] = a.norm_b[e];
-        }
-      }
-    }
-  }
+  if (!MULTI) stage_norm(a, sm);
   copies_commit();
   trace_point(a.trace, 1);
   pdl_wait();  // from here on the input (written by the previous kernel) is complete
@@ -634,8 +697,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
       const int i = walk<TILE, SLICES, PAIRS, true>(m, p[j], chunks[j], p[j].c_lo + slice, past, L, acc);
       walk<TILE, SLICES, PAIRS, false>(m, p[j], chunks[j], i, p[j].c_hi, L, acc);
     }
-    const int c = L.sub * 32 + 4 * L.g;
-    if constexpr (MULTI) {
+    if constexpr (MULTI) {  // the sums of every token: thread i adds token i / TILE, column i % TILE
+      const int c = L.sub * 32 + 4 * L.g;
       float* r = sm.red + slice * kPassTokens * TILE;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -644,15 +707,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
         r[(2 * L.t) * TILE + c + 2 * i + 1] = acc[i][2];
         r[(2 * L.t + 1) * TILE + c + 2 * i + 1] = acc[i][3];
       }
-    } else if (L.t == 0) {  // one token: every n of the mma holds it
-      float* r = sm.red + slice * TILE + c;
-      r[0] = acc[0][0];
-      r[1] = acc[0][2];
-      r[2] = acc[1][0];
-      r[3] = acc[1][2];
-    }
-    __syncthreads();
-    if constexpr (MULTI) {  // thread i: token i / TILE, column i % TILE
+      __syncthreads();
       float s = 0.f;
 #pragma unroll
       for (int w = 0; w < SLICES; ++w) s += sm.red[w * kPassTokens * TILE + threadIdx.x];
@@ -662,45 +717,76 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
             __float2half(s + (m.bias ? __half2float(m.bias[col]) : 0.f));
       return;
     } else {
-      if (threadIdx.x < TILE)
-#pragma unroll
-        for (int w = 0; w < SLICES; ++w) y[j] += sm.red[w * TILE + threadIdx.x];
-      __syncthreads();
+      y[j] = slice_sums<TILE, SLICES>(sm, L, slice, acc);
     }
   }
   trace_point(a.trace, 4);
 
-  const bool atomic = a.out_mode == kOutResidualAtomic;  // each split adds its own sums (store())
-  if (nks > 1 && !atomic) {  // the last split of this tile adds every split's partial sums, in order
-    float* part = a.partials + (size_t)blockIdx.x * nks * TILE * parts;
-    if (threadIdx.x < TILE) {
-      part[ks * parts * TILE + threadIdx.x] = y[0];
-      if (gated) part[(ks * parts + 1) * TILE + threadIdx.x] = y[1];
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(a.counters + blockIdx.x, 1) == nks - 1;
-    __syncthreads();
-    if (!last) {
-      trace_point(a.trace, 5);
-      return;
-    }
-    __threadfence();
-    if (threadIdx.x < TILE) {
-      y[0] = y[1] = 0.f;
-#pragma unroll 8
-      for (int k = 0; k < nks; ++k) {
-        y[0] += __ldcg(part + k * parts * TILE + threadIdx.x);
-        if (gated) y[1] += __ldcg(part + (k * parts + 1) * TILE + threadIdx.x);
-      }
-    }
-    if (threadIdx.x == 0) a.counters[blockIdx.x] = 0;
-    trace_point(a.trace, 6);  // the merge's end (last split only)
-  }
-  trace_point(a.trace, 5);
+  finish<TILE>(a, mi, blockIdx.x, tile, ks, nks, y);
+}
 
-  const int col = tile * TILE + threadIdx.x;
-  if (threadIdx.x < TILE && col < a.mat[mi].n_out) store(a, mi, col, y, !atomic || ks == 0);
+// Grids of more than one wave of resident blocks (the 7B MLP's gate+up, the heads): one block per
+// resident slot, each taking a contiguous run of the launch's units (tile, K split) in turn. Such a
+// grid of gemv_kernel blocks streams weights at about the copy rate while its blocks compute, but
+// every block first pays its prologue (the norm, the input gathered) and the last wave runs part
+// empty; here a block normalizes and gathers its input once, for all of K (every unit of a matrix
+// reads the same input), and streams unit after unit. Weights, chunk tables and scales come from
+// global memory: a unit's rows staged in a window would wait on the unit before. One matrix, or
+// gate and up.
+template <int TW, int MIN_BLOCKS, bool PAIRS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_units_kernel(const GemvArgs a, int nks) {
+  constexpr int TILE = TW * 32, SLICES = kWarps / TW;
+  extern __shared__ __align__(16) char smem[];
+  __shared__ float stats[32];
+  const int parts = a.out_mode == kOutGated ? 2 : 1;
+  const int units = tiles(a.mat[0], TILE) * nks;
+  const int u_lo = (int)((long long)units * blockIdx.x / gridDim.x);
+  const int u_hi = (int)((long long)units * (blockIdx.x + 1) / gridDim.x);
+  const int warp = threadIdx.x / 32, slice = warp / TW;
+  trace_point(a.trace, 0);
+  Smem sm;
+  smem_bytes(a, TILE, false, &sm, smem);
+  Lane L;
+  L.sub = warp % TW;
+  L.lane = threadIdx.x % 32;
+  L.g = L.lane / 4;
+  L.t = L.lane % 4;
+
+  for (int j = 0; j < parts; ++j) {  // permutation rows of all of K (tables padded to 8 rows)
+    const Matrix& m = a.mat[j];
+    if (m.perm16)
+      for (int k = 4 * (int)threadIdx.x; k < m.k; k += 4 * blockDim.x) copy8(sm.perm + j * a.x_span + k, m.perm16 + k);
+  }
+  stage_norm(a, sm);
+  copies_commit();
+  trace_point(a.trace, 1);
+  pdl_wait();
+  pdl_trigger();
+  trace_point(a.trace, 2);
+  float mean = 0.f, rstd = 1.f;
+  if (a.in_mode != kInHalf) norm_stats(a, sm, stats, mean, rstd);
+  copies_wait();
+  __syncthreads();
+  for (int j = 0; j < parts; ++j) gather_input(a, sm, j, a.mat[j].perm16 != nullptr, 0, a.mat[j].x_len, mean, rstd);
+  __syncthreads();
+  trace_point(a.trace, 3);
+
+  for (int u = u_lo; u < u_hi; ++u) {
+    const int tile = u / nks, ks = u % nks;
+    L.col = tile * TILE + L.sub * 32;
+    float y[2] = {0.f, 0.f};
+    for (int j = 0; j < parts; ++j) {
+      const Matrix& m = a.mat[j];
+      L.x = sm.xs + j * a.x_span;
+      const Part p{};  // no window; scales from global memory
+      const int2 range = split_range(m, ks, nks);
+      float acc[2][4] = {};
+      if (L.col < m.n) walk<TILE, SLICES, PAIRS, false>(m, p, Chunks{nullptr, m.chunks, 0}, range.x + slice, range.y, L, acc);
+      y[j] = slice_sums<TILE, SLICES>(sm, L, slice, acc);
+    }
+    trace_point(a.trace, 4);
+    finish<TILE>(a, 0, tile, tile, ks, nks, y);
+  }
 }
 
 // W [k, n] fp16 in the original row order from one chunk of one 32-column tile (a warp): the same
@@ -770,23 +856,33 @@ int sm_count() {
   return count;
 }
 
-// Shared memory a block of this build may use beyond its static arrays, for MIN_BLOCKS blocks per SM.
-template <int TW, int MIN_BLOCKS, bool MULTI, bool PAIRS>
-int dynamic_smem_budget() {
+// Shared memory a block of Kernel may use beyond its static arrays, for min_blocks blocks per SM.
+template <auto Kernel>
+int dynamic_smem_budget(int min_blocks) {
   static int budget = -1;
   if (budget < 0) {
     int dev = 0, per_sm = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
     cudaFuncAttributes attr{};
-    cudaFuncGetAttributes(&attr, gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>);
-    budget = std::max(0, per_sm / MIN_BLOCKS - 1024 - (int)attr.sharedSizeBytes) / 16 * 16;  // 1 KB: reserved per block
+    cudaFuncGetAttributes(&attr, Kernel);
+    budget = std::max(0, per_sm / min_blocks - 1024 - (int)attr.sharedSizeBytes) / 16 * 16;  // 1 KB: reserved per block
     if (budget > 48 * 1024)
-      cudaFuncSetAttribute(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, budget);
     else
       budget = 48 * 1024 - (int)attr.sharedSizeBytes;
   }
   return budget;
+}
+
+static GemvPlan last_plan{};  // gemv_last_plan()
+
+// A split residual add: each split adds its partial sums into the fp32 residual stream with
+// atomics (no merge: no second pass, counter or fence); the order of the splits' adds varies, so
+// the stream may differ in its last bits from run to run. KODKOD_GEMV_ORDERED=1: the ordered merge.
+bool ordered_merge() {
+  static const bool ordered = [] { const char* e = std::getenv("KODKOD_GEMV_ORDERED"); return e && e[0] == '1'; }();
+  return ordered;
 }
 
 // Splits of K and resident blocks per SM (2 or 3: the two register budgets) for a launch of `tiles`
@@ -823,11 +919,7 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   }
   while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   GemvArgs args = a;
-  // A split residual add: each split adds its partial sums into the fp32 residual stream with
-  // atomics (no merge: no second pass, counter or fence); the order of the splits' adds varies, so
-  // the stream may differ in its last bits from run to run. KODKOD_GEMV_ORDERED=1: the ordered merge.
-  static const bool ordered = [] { const char* e = std::getenv("KODKOD_GEMV_ORDERED"); return e && e[0] == '1'; }();
-  if (a.out_mode == kOutResidual && splits > 1 && !ordered) args.out_mode = kOutResidualAtomic;
+  if (a.out_mode == kOutResidual && splits > 1 && !ordered_merge()) args.out_mode = kOutResidualAtomic;
   // Shared memory: the input rows of one split (its chunks hold at most 32 each), scale groups per
   // split with a margin for uneven splits; the rest is the weight window, which holds a block's rows
   // where it can (each part's share of its packed rows, a margin for chunk boundaries and uneven bit
@@ -840,11 +932,34 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
     rows = std::max(rows, ((a.mat[i].rows * 5 / 4 + splits - 1) / splits + 8) * TILE * (a.mat[i].q_scale ? 4 : 2));
   }
   args.window = 0;
-  const int room = std::max(0, dynamic_smem_budget<TW, MIN_BLOCKS, MULTI, PAIRS>() - (int)smem_bytes(args, TILE, MULTI));
+  const int room = std::max(0, dynamic_smem_budget<gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>>(MIN_BLOCKS) -
+                                  (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
   args.trace = trace_region(MULTI ? "tokens" : gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
                             blocks * splits);
+  if (!MULTI) last_plan = GemvPlan{splits, MIN_BLOCKS, blocks * splits, false};
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
+}
+
+// gemv_units_kernel: one block per resident slot (3 per SM), units of `splits` K splits per tile.
+// False where it does not fit (workspace, shared memory): the caller launches gemv_kernel.
+template <int TW, bool PAIRS>
+bool launch_units(const GemvArgs& a, int splits, cudaStream_t stream) {
+  constexpr int TILE = TW * 32, MB = 3;
+  const int parts = a.out_mode == kOutGated ? 2 : 1, tiles_n = tiles(a.mat[0], TILE);
+  if (splits > 1 && ((long long)tiles_n * splits * TILE * parts > a.partials_size || tiles_n > a.counters_size)) return false;
+  GemvArgs args = a;
+  if (a.out_mode == kOutResidual && splits > 1 && !ordered_merge()) args.out_mode = kOutResidualAtomic;
+  args.x_span = part_stride(a);
+  args.scale_groups = 0;
+  args.window = 0;
+  const size_t smem = smem_bytes(args, TILE, false);
+  if ((int)smem > dynamic_smem_budget<gemv_units_kernel<TW, MB, PAIRS>>(MB)) return false;
+  const int blocks = std::min(tiles_n * splits, MB * sm_count());
+  args.trace = trace_region(a.out_mode == kOutGated ? "gate_up" : a.out_mode == kOutFloat ? "head" : "gemv", blocks);
+  last_plan = GemvPlan{splits, MB, blocks, true};
+  launch(gemv_units_kernel<TW, MB, PAIRS>, dim3(blocks), dim3(kThreads), smem, stream, args, splits);
+  return true;
 }
 
 void gemv(const GemvArgs& a, cudaStream_t stream) {
@@ -866,6 +981,23 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
     const char* e = std::getenv("KODKOD_GEMV_PAIR_CHUNKS");
     return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
   }();
+  // More tiles than one wave of resident blocks (3 per SM), one matrix or gate and up: the units
+  // kernel. K splits: the least work per block (ceil(tiles * s / slots) / s tiles), the fewest on
+  // ties; pairs from 4 chunks per warp and unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves (read per
+  // launch, so that tests can take both paths).
+  const char* units_env = std::getenv("KODKOD_GEMV_UNITS");
+  const int slots = 3 * sm_count();
+  if (!(units_env && units_env[0] == '0') && (a.out_mode == kOutGated || a.n_mats == 1) && plan.min_blocks == 3 &&
+      tiles_total > slots) {
+    int splits = 1;
+    for (int s = 2; s <= 4 && can_split && min_chunks / s >= 8; ++s)
+      if ((long long)((tiles_total * s + slots - 1) / slots) * splits < (long long)((tiles_total * splits + slots - 1) / slots) * s)
+        splits = s;
+    const bool pairs = min_chunks / splits / (wide ? 2 : 8) >= 4;
+    if (wide ? (pairs ? launch_units<4, true>(a, splits, stream) : launch_units<4, false>(a, splits, stream))
+             : (pairs ? launch_units<1, true>(a, splits, stream) : launch_units<1, false>(a, splits, stream)))
+      return;
+  }
   const bool two = min_chunks / plan.splits / (wide ? 2 : 8) >= pair_chunks;  // 8 / TW warps share a tile's chunks
   if (wide) {
     if (plan.min_blocks == 3)
@@ -879,6 +1011,8 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
       two ? launch_gemv<1, 2, false, true>(a, plan.splits, stream) : launch_gemv<1, 2>(a, plan.splits, stream);
   }
 }
+
+GemvPlan gemv_last_plan() { return last_plan; }
 
 void gemv_tokens(const Matrix& m, const half* x, int tokens, int k_in, half* out, half* scratch,
                  cudaStream_t stream) {

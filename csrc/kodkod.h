@@ -67,6 +67,14 @@ struct GemvArgs {
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
 
+// What the launcher chose for the last one-token GEMV it launched (for tests and benchmarks):
+// K splits, blocks per SM, blocks, and whether the units kernel ran it (a block per resident slot).
+struct GemvPlan {
+  int splits, min_blocks, blocks;
+  bool units;
+};
+GemvPlan gemv_last_plan();
+
 // The same product for a few tokens at once (1 to kMaxTokens): x [tokens, k_in] fp16 in, out
 // [tokens, n_out] fp16 (+ bias); scratch holds 8 x x_len halfs (the inputs of a pass, permuted).
 // Weights are read once per pass of 8 tokens.

@@ -118,6 +118,56 @@ def test_rows_beyond_the_window_come_from_global_memory(ext, mix):
     assert rel_err(yd, xd.double() @ w.double().T) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["gated", "head", "half_split", "residual_split"])
+def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch, case):
+    """More tiles than resident blocks (3 per SM): a block per slot takes units (tile, K split) in
+    turn, its input normalized and gathered once; its results and the wave-by-wave launch's both
+    match the fp64 reference (gated with split merges, wide tiles with a float output, fp16 output
+    with ordered merges, residual adds by atomics)."""
+    slots = 3 * torch.cuda.get_device_properties(0).multi_processor_count
+    mix = MIXES[-2] if case in ("gated", "half_split") else MIXES[-1]
+    n, k = (128 * (2 * slots + 10), 256) if case == "head" else (32 * (slots + 60), 512 if case == "gated" else 1024)
+    g = torch.Generator(device=DEV).manual_seed(41)
+    h = torch.randn(k, generator=g, device=DEV) * 3
+    w = (1 + 0.2 * torch.randn(k, generator=g, device=DEV)).half()
+    x = torch.randn(k, generator=g, device=DEV).half()
+    if case == "gated":
+        gate, up = (random_layer(ext, n, k, mix, seed=s, bias=False) for s in (42, 43))
+        xr = rms_rounded(h, w, 1e-6)
+        ref, tol = torch.nn.functional.silu(reference(gate, xr)) * reference(up, xr), 3e-3
+    else:
+        lin = random_layer(ext, n, k, mix, seed=44)
+        ref, tol = (reference(lin, rms_rounded(h, w, 1e-6)), 1e-5) if case == "head" else (reference(lin, x), 1e-3)
+
+    def run():
+        if case == "gated":
+            out = torch.full((n,), float("nan"), device=DEV, dtype=torch.float16)
+            ext.gemv([gate.kernel_matrix, up.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_GATED,
+                     kernels.ACTIVATION_IDS["silu"], [out], *workspace)
+        elif case == "head":
+            out = torch.full((n,), float("nan"), device=DEV)
+            ext.gemv([lin.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_FLOAT, 0, [out])
+        elif case == "half_split":
+            out = torch.full((n,), float("nan"), device=DEV, dtype=torch.float16)
+            ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_HALF, 0, [out], *workspace)
+        else:
+            base = torch.randn(n, generator=g, device=DEV)
+            out = base.clone()
+            ext.gemv([lin.kernel_matrix], x, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0, [out], *workspace)
+            out = out - base
+        return out, ext.gemv_last_plan()
+
+    for units in ("1", "0"):
+        monkeypatch.setenv("KODKOD_GEMV_UNITS", units)
+        out, plan = run()
+        assert plan["units"] == (units == "1")
+        if units == "1":
+            assert plan["blocks"] == slots
+            assert (plan["splits"] == 1) if case == "head" else (plan["splits"] > 1)  # merges taken
+        assert rel_err(out, ref) <= tol
+        assert workspace[1].sum().item() == 0  # every tile's counter back at zero
+
+
 def test_out_index_hands_the_next_layer_its_permuted_input(ext):
     """A GEMV that stores its outputs in the next layer's input order; that layer then reads them as they are."""
     first = random_layer(ext, 256, 128, MIXES[2], seed=21)
