@@ -3,7 +3,9 @@
 //
 // A block owns a tile of 32 output columns (128 for the head) and a range of the rows: all of
 // them, or one of a few K splits whose partial sums the last split to finish adds in a fixed
-// order (no atomics on the outputs: the same result every run). The rows are cut into chunks of
+// order (residual adds: each split adds its own with atomics). Grids of more than one wave of
+// resident blocks run on gemv_units_kernel instead: a block per slot, taking (tile, split) units
+// in turn with its input gathered once (see there). The rows are cut into chunks of
 // 16 or 32 that decode on their own (a chunk table per matrix); each warp takes one chunk of 32
 // columns at a time: its lanes turn their words into the fp16 A fragment of mma.m16n8k16 (a mask
 // and a fused multiply-add per pair of values, exact), the input is the B fragment, and the
