@@ -21,8 +21,11 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 def _gemv(ext, seed: int) -> float:
     g = torch.Generator(device="cuda").manual_seed(seed)
     worst = 0.0
-    for bits, (out_f, in_f) in zip((2, 3, 4, 5, 6, 8), ((96, 256), (200, 512), (640, 896), (130, 384),
-                                                         (64, 1024), (256, 160))):
+    # the last shape: a head-like grid of more than one wave of blocks (wide tiles of 128 columns,
+    # 3 blocks per SM), which runs on the units kernel
+    wide = 128 * (3 * torch.cuda.get_device_properties(0).multi_processor_count + 8)
+    for bits, (out_f, in_f) in zip((2, 3, 4, 5, 6, 8, 6), ((96, 256), (200, 512), (640, 896), (130, 384),
+                                                            (64, 1024), (256, 160), (wide, 256))):
         w = torch.randn(out_f, in_f, generator=g, device="cuda") * in_f ** -0.5
         t = {k: v.cuda() for k, v in rtn(w, make_groups(Mix(((1.0, bits),), 32), in_f),
                                          torch.rand(in_f, generator=g, device="cuda")).tensors().items()}

@@ -489,3 +489,12 @@ def test_every_family_runs_on_the_fast_path(ext, tmp_path, arch):
     ids = list(range(3, 60))
     assert rel_err(fast.logits(ids)[-1], slow.logits(ids)[-1].float()) < 1e-2
     check_greedy_agreement(fast, slow, ids, 64)
+
+
+def test_doctor_self_test_passes(ext):
+    """`kodkod doctor`'s self-test (engine/selftest.py: every kernel family against its twin, a
+    grid of more than one wave among the GEMVs) passes on this GPU."""
+    from engine import selftest
+
+    results = selftest.run(0.2)
+    assert results and all(ok for _, ok, _ in results), results
