@@ -879,12 +879,18 @@ int dynamic_smem_budget(int min_blocks) {
 
 static GemvPlan last_plan{};  // gemv_last_plan()
 
-// A split residual add: each split adds its partial sums into the fp32 residual stream with
-// atomics (no merge: no second pass, counter or fence); the order of the splits' adds varies, so
-// the stream may differ in its last bits from run to run. KODKOD_GEMV_ORDERED=1: the ordered merge.
-bool ordered_merge() {
+// The output mode a launch of `splits` K splits runs: a split residual add adds each split's partial
+// sums into the fp32 residual stream with atomics (no merge: no second pass, counter or fence); the
+// order of the splits' adds varies, so the stream may differ in its last bits from run to run.
+// KODKOD_GEMV_ORDERED=1: the ordered merge.
+int split_out_mode(const GemvArgs& a, int splits) {
   static const bool ordered = [] { const char* e = std::getenv("KODKOD_GEMV_ORDERED"); return e && e[0] == '1'; }();
-  return ordered;
+  return a.out_mode == kOutResidual && splits > 1 && !ordered ? kOutResidualAtomic : a.out_mode;
+}
+
+// The name a launch's blocks are traced under (trace.cuh).
+const char* trace_role(const GemvArgs& a, bool multi) {
+  return multi ? "tokens" : a.out_mode == kOutGated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv";
 }
 
 // Splits of K and resident blocks per SM (2 or 3: the two register budgets) for a launch of `tiles`
@@ -921,7 +927,7 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   }
   while (splits > 1 && (long long)blocks * splits * TILE * parts > a.partials_size) --splits;
   GemvArgs args = a;
-  if (a.out_mode == kOutResidual && splits > 1 && !ordered_merge()) args.out_mode = kOutResidualAtomic;
+  args.out_mode = split_out_mode(a, splits);
   // Shared memory: the input rows of one split (its chunks hold at most 32 each), scale groups per
   // split with a margin for uneven splits; the rest is the weight window, which holds a block's rows
   // where it can (each part's share of its packed rows, a margin for chunk boundaries and uneven bit
@@ -937,8 +943,7 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
   const int room = std::max(0, dynamic_smem_budget<gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>>(MIN_BLOCKS) -
                                   (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
-  args.trace = trace_region(MULTI ? "tokens" : gated ? "gate_up" : a.n_mats == 3 ? "qkv" : a.out_mode == kOutFloat ? "head" : "gemv",
-                            blocks * splits);
+  args.trace = trace_region(trace_role(a, MULTI), blocks * splits);
   if (!MULTI) last_plan = GemvPlan{splits, MIN_BLOCKS, blocks * splits, false};
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
 }
@@ -951,14 +956,14 @@ bool launch_units(const GemvArgs& a, int splits, cudaStream_t stream) {
   const int parts = a.out_mode == kOutGated ? 2 : 1, tiles_n = tiles(a.mat[0], TILE);
   if (splits > 1 && ((long long)tiles_n * splits * TILE * parts > a.partials_size || tiles_n > a.counters_size)) return false;
   GemvArgs args = a;
-  if (a.out_mode == kOutResidual && splits > 1 && !ordered_merge()) args.out_mode = kOutResidualAtomic;
+  args.out_mode = split_out_mode(a, splits);
   args.x_span = part_stride(a);
   args.scale_groups = 0;
   args.window = 0;
   const size_t smem = smem_bytes(args, TILE, false);
   if ((int)smem > dynamic_smem_budget<gemv_units_kernel<TW, MB, PAIRS>>(MB)) return false;
   const int blocks = std::min(tiles_n * splits, MB * sm_count());
-  args.trace = trace_region(a.out_mode == kOutGated ? "gate_up" : a.out_mode == kOutFloat ? "head" : "gemv", blocks);
+  args.trace = trace_region(trace_role(a, false), blocks);
   last_plan = GemvPlan{splits, MB, blocks, true};
   launch(gemv_units_kernel<TW, MB, PAIRS>, dim3(blocks), dim3(kThreads), smem, stream, args, splits);
   return true;
@@ -991,10 +996,10 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   const int slots = 3 * sm_count();
   if (!(units_env && units_env[0] == '0') && (a.out_mode == kOutGated || a.n_mats == 1) && plan.min_blocks == 3 &&
       tiles_total > slots) {
+    const auto units_each = [&](int s) { return (long long)(tiles_total * s + slots - 1) / slots; };  // per block, at most
     int splits = 1;
     for (int s = 2; s <= 4 && can_split && min_chunks / s >= 8; ++s)
-      if ((long long)((tiles_total * s + slots - 1) / slots) * splits < (long long)((tiles_total * splits + slots - 1) / slots) * s)
-        splits = s;
+      if (units_each(s) * splits < units_each(splits) * s) splits = s;  // units_each(s) / s tiles of work
     const bool pairs = min_chunks / splits / (wide ? 2 : 8) >= 4;
     if (wide ? (pairs ? launch_units<4, true>(a, splits, stream) : launch_units<4, false>(a, splits, stream))
              : (pairs ? launch_units<1, true>(a, splits, stream) : launch_units<1, false>(a, splits, stream)))

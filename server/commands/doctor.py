@@ -42,11 +42,11 @@ def run(args) -> int:
 
     _line("python", sys.version.split()[0])
     _line("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})")
-    from engine.dtypes import cpu_has_bf16
+    from engine.dtypes import cpu_has_bf16, resolve_dtype
 
-    native = cpu_has_bf16()
-    _line("CPU", f"{os.cpu_count() or 1} cores, {'native' if native else 'no native'} bf16 products: "
-                 f"a model on the CPU computes in {'bfloat16' if native else 'float32'} (dtype auto)")
+    auto = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    _line("CPU", f"{os.cpu_count() or 1} cores, {'native' if cpu_has_bf16() else 'no native'} bf16 products: "
+                 f"a model on the CPU computes in {auto} (dtype auto)")
     if not torch.cuda.is_available():
         _line("GPU", "none: the engine runs its torch path on the CPU")
         return 0
