@@ -769,7 +769,10 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_units_kernel(const 
   if (a.in_mode != kInHalf) norm_stats(a, sm, stats, mean, rstd);
   copies_wait();
   __syncthreads();
-  for (int j = 0; j < parts; ++j) gather_input(a, sm, j, a.mat[j].perm16 != nullptr, 0, a.mat[j].x_len, mean, rstd);
+  // x_span 0: an fp16 input that needs neither norm nor permutation, read where it lies (L2)
+  const bool direct = a.x_span == 0;
+  if (!direct)
+    for (int j = 0; j < parts; ++j) gather_input(a, sm, j, a.mat[j].perm16 != nullptr, 0, a.mat[j].x_len, mean, rstd);
   __syncthreads();
   trace_point(a.trace, 3);
 
@@ -779,7 +782,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_units_kernel(const 
     float y[2] = {0.f, 0.f};
     for (int j = 0; j < parts; ++j) {
       const Matrix& m = a.mat[j];
-      L.x = sm.xs + j * a.x_span;
+      L.x = direct ? static_cast<const half*>(a.x) : sm.xs + j * a.x_span;
       const Part p{};  // no window; scales from global memory
       const int2 range = split_range(m, ks, nks);
       float acc[2][4] = {};
@@ -957,7 +960,9 @@ bool launch_units(const GemvArgs& a, int splits, cudaStream_t stream) {
   if (splits > 1 && ((long long)tiles_n * splits * TILE * parts > a.partials_size || tiles_n > a.counters_size)) return false;
   GemvArgs args = a;
   args.out_mode = split_out_mode(a, splits);
-  args.x_span = part_stride(a);
+  bool direct = a.in_mode == kInHalf && a.k_in % 8 == 0;  // the input read in place: x_span 0
+  for (int j = 0; j < parts; ++j) direct &= a.mat[j].perm16 == nullptr && a.mat[j].x_len <= a.k_in;
+  args.x_span = direct ? 0 : part_stride(a);
   args.scale_groups = 0;
   args.window = 0;
   const size_t smem = smem_bytes(args, TILE, false);
@@ -988,17 +993,21 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
     const char* e = std::getenv("KODKOD_GEMV_PAIR_CHUNKS");
     return e && std::atoi(e) > 0 ? std::atoi(e) : 8;
   }();
-  // More tiles than one wave of resident blocks (3 per SM), one matrix or gate and up: the units
-  // kernel. K splits: the least work per block (ceil(tiles * s / slots) / s tiles), the fewest on
-  // ties; pairs from 4 chunks per warp and unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves (read per
-  // launch, so that tests can take both paths).
+  // The units kernel, for one matrix or gate and up: (1) more tiles than one wave of resident
+  // blocks (3 per SM); (2) tiles of one matrix that each stream at least 256 KB (7B's down
+  // projection: 303 KB tiles, 3.99 -> 3.62 ms a step; 1.5B's, 143 KB, lost 2.5% that way), with up
+  // to 16 K splits. K splits: the least work per block (ceil(tiles * s / slots) / s tiles), the
+  // fewest on ties; pairs from 4 chunks per warp and unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves
+  // (read per launch, so that tests can take both paths).
   const char* units_env = std::getenv("KODKOD_GEMV_UNITS");
   const int slots = 3 * sm_count();
-  if (!(units_env && units_env[0] == '0') && (a.out_mode == kOutGated || a.n_mats == 1) && plan.min_blocks == 3 &&
-      tiles_total > slots) {
+  const bool long_tiles = a.n_mats == 1 && a.out_mode != kOutGated && tiles_total <= slots &&
+                          (long long)a.mat[0].rows * (wide ? 128 : 32) * (a.mat[0].q_scale ? 4 : 2) >= 256 * 1024;
+  if (!(units_env && units_env[0] == '0') && (a.out_mode == kOutGated || a.n_mats == 1) &&
+      ((plan.min_blocks == 3 && tiles_total > slots) || long_tiles)) {
     const auto units_each = [&](int s) { return (long long)(tiles_total * s + slots - 1) / slots; };  // per block, at most
     int splits = 1;
-    for (int s = 2; s <= 4 && can_split && min_chunks / s >= 8; ++s)
+    for (int s = 2; s <= (long_tiles ? 16 : 4) && can_split && min_chunks / s >= 8; ++s)
       if (units_each(s) * splits < units_each(splits) * s) splits = s;  // units_each(s) / s tiles of work
     const bool pairs = min_chunks / splits / (wide ? 2 : 8) >= 4;
     if (wide ? (pairs ? launch_units<4, true>(a, splits, stream) : launch_units<4, false>(a, splits, stream))

@@ -168,6 +168,30 @@ def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch
         assert workspace[1].sum().item() == 0  # every tile's counter back at zero
 
 
+def test_long_tiles_run_on_the_units_kernel_reading_their_input_in_place(ext, workspace, monkeypatch):
+    """A one-wave grid whose tiles each stream at least 256 KB (7B's down projection) runs on the
+    units kernel, split over K; an fp16 input that needs no gather (the previous layer wrote it in
+    this matrix's order) is read where it lies. Residual adds by atomics, against fp64 and against
+    the wave kernel."""
+    lin = random_layer(ext, 1000, 18944, MIXES[2], seed=45)  # 4 bits: 2,368 rows, 303 KB a tile
+    g = torch.Generator(device=DEV).manual_seed(46)
+    x = torch.randn(18944, generator=g, device=DEV).half()
+    x_direct = torch.empty_like(x)
+    x_direct[lin.input_order.long()] = x
+    base = torch.randn(1000, generator=g, device=DEV)
+    ref = reference(lin, x)
+    for units in ("1", "0"):
+        monkeypatch.setenv("KODKOD_GEMV_UNITS", units)
+        out = base.clone()
+        ext.gemv([lin.kernel_matrix_direct], x_direct, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0,
+                 [out], *workspace)
+        plan = ext.gemv_last_plan()
+        assert plan["units"] == (units == "1")
+        if units == "1":
+            assert plan["splits"] > 4  # past the multi-wave rule's limit
+        assert rel_err(out - base, ref) <= 1e-3
+
+
 def test_out_index_hands_the_next_layer_its_permuted_input(ext):
     """A GEMV that stores its outputs in the next layer's input order; that layer then reads them as they are."""
     first = random_layer(ext, 256, 128, MIXES[2], seed=21)
