@@ -913,7 +913,9 @@ Plan plan_gemv(int tiles, int min_chunks, bool can_split) {
     const char* e = std::getenv("KODKOD_GEMV_SPLIT_CHUNKS");
     return e && std::atoi(e) > 0 ? std::atoi(e) : 20;
   }();
-  const int sms = sm_count(), mb = tiles > 2 * sms ? 3 : 2;
+  // KODKOD_GEMV_BLOCKS=2 or 3: blocks per SM for every launch, its splits planned with them (an experiment knob)
+  static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
+  const int sms = sm_count(), mb = forced == 2 || forced == 3 ? forced : tiles > 2 * sms ? 3 : 2;
   const int most = std::max(1, std::min({kMaxSplits, min_chunks / 4, min_chunks / min_per_split}));
   return {mb, can_split ? std::max(1, std::min(mb * sms / tiles, most)) : 1};
 }
@@ -982,8 +984,6 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   for (int i = 0; i < a.n_mats; ++i) min_chunks = std::min(min_chunks, a.mat[i].n_chunks);
   const bool can_split = a.partials && a.counters && tiles_total <= a.counters_size;
   Plan plan = plan_gemv(tiles_total, min_chunks, can_split);
-  static const int forced = [] { const char* e = std::getenv("KODKOD_GEMV_BLOCKS"); return e ? std::atoi(e) : 0; }();
-  if (forced == 2 || forced == 3) plan.min_blocks = forced;  // an experiment knob
   // Two chunks per warp turn (PAIRS) where a warp walks many chunks. A/B on the H100 (tok/s 0.5B /
   // 1.5B / 7B): pairs nowhere 1,184-1,185 / 649-650 / 213; from 4 chunks a warp 1,199 / 646 / 232;
   // from 6 1,197-1,200 / 647 / 232; from 10 1,198 / 657 / 230 (8 and 10 choose the same launches in
