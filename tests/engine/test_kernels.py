@@ -118,15 +118,15 @@ def test_rows_beyond_the_window_come_from_global_memory(ext, mix):
     assert rel_err(yd, xd.double() @ w.double().T) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["gated", "head", "half_split", "residual_split"])
+@pytest.mark.parametrize("case", ["gated", "head", "dense_head", "half_split", "residual_split"])
 def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch, case):
     """More tiles than resident blocks (3 per SM): a block per slot takes units (tile, K split) in
     turn, its input normalized and gathered once; its results and the wave-by-wave launch's both
-    match the fp64 reference (gated with split merges, wide tiles with a float output, fp16 output
-    with ordered merges, residual adds by atomics)."""
+    match the fp64 reference (gated with split merges, wide tiles with a float output from EXL2 and
+    from dense fp16 weights, fp16 output with ordered merges, residual adds by atomics)."""
     slots = 3 * torch.cuda.get_device_properties(0).multi_processor_count
     mix = MIXES[-2] if case in ("gated", "half_split") else MIXES[-1]
-    n, k = (128 * (2 * slots + 10), 256) if case == "head" else (32 * (slots + 60), 512 if case == "gated" else 1024)
+    n, k = (128 * (2 * slots + 10), 256) if case.endswith("head") else (32 * (slots + 60), 512 if case == "gated" else 1024)
     g = torch.Generator(device=DEV).manual_seed(41)
     h = torch.randn(k, generator=g, device=DEV) * 3
     w = (1 + 0.2 * torch.randn(k, generator=g, device=DEV)).half()
@@ -135,6 +135,11 @@ def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch
         gate, up = (random_layer(ext, n, k, mix, seed=s, bias=False) for s in (42, 43))
         xr = rms_rounded(h, w, 1e-6)
         ref, tol = torch.nn.functional.silu(reference(gate, xr)) * reference(up, xr), 3e-3
+    elif case == "dense_head":  # an fp16 model's head
+        wd = (torch.randn(n, k, generator=g, device=DEV) * k ** -0.5).half()
+        lin = Linear(wd.clone(), None)
+        lin.prepare_kernels(ext)
+        ref, tol = rms_rounded(h, w, 1e-6).double() @ wd.double().T, 1e-5
     else:
         lin = random_layer(ext, n, k, mix, seed=44)
         ref, tol = (reference(lin, rms_rounded(h, w, 1e-6)), 1e-5) if case == "head" else (reference(lin, x), 1e-3)
@@ -144,7 +149,7 @@ def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch
             out = torch.full((n,), float("nan"), device=DEV, dtype=torch.float16)
             ext.gemv([gate.kernel_matrix, up.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_GATED,
                      kernels.ACTIVATION_IDS["silu"], [out], *workspace)
-        elif case == "head":
+        elif case.endswith("head"):
             out = torch.full((n,), float("nan"), device=DEV)
             ext.gemv([lin.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_FLOAT, 0, [out])
         elif case == "half_split":
@@ -163,23 +168,30 @@ def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch
         assert plan["units"] == (units == "1")
         if units == "1":
             assert plan["blocks"] == slots
-            assert (plan["splits"] == 1) if case == "head" else (plan["splits"] > 1)  # merges taken
+            assert (plan["splits"] == 1) if case.endswith("head") else (plan["splits"] > 1)  # merges taken
         assert rel_err(out, ref) <= tol
         assert workspace[1].sum().item() == 0  # every tile's counter back at zero
 
 
-def test_long_tiles_run_on_the_units_kernel_reading_their_input_in_place(ext, workspace, monkeypatch):
-    """A one-wave grid whose tiles each stream at least 256 KB (7B's down projection) runs on the
-    units kernel, split over K; an fp16 input that needs no gather (the previous layer wrote it in
-    this matrix's order) is read where it lies. Residual adds by atomics, against fp64 and against
-    the wave kernel."""
-    lin = random_layer(ext, 1000, 18944, MIXES[2], seed=45)  # 4 bits: 2,368 rows, 303 KB a tile
+@pytest.mark.parametrize("dense", [False, True])
+def test_long_tiles_run_on_the_units_kernel_reading_their_input_in_place(ext, workspace, monkeypatch, dense):
+    """A one-wave grid whose tiles each stream at least 256 KB (7B's down projection; an fp16
+    model's from K = 4,096) runs on the units kernel, split over K; an fp16 input that needs no
+    gather (the previous layer wrote it in this matrix's order) is read where it lies. Residual adds
+    by atomics, against fp64 and against the wave kernel."""
+    k = 8192 if dense else 18944  # dense: 512 KB a tile; 4 bits: 2,368 rows, 303 KB
     g = torch.Generator(device=DEV).manual_seed(46)
-    x = torch.randn(18944, generator=g, device=DEV).half()
-    x_direct = torch.empty_like(x)
-    x_direct[lin.input_order.long()] = x
+    x = torch.randn(k, generator=g, device=DEV).half()
+    if dense:
+        w = (torch.randn(1000, k, generator=g, device=DEV) * k ** -0.5).half()
+        lin = Linear(w.clone(), None)
+        lin.prepare_kernels(ext)
+        ref, x_direct = x.double() @ w.double().T, x  # dense rows stand in their own order
+    else:
+        lin = random_layer(ext, 1000, k, MIXES[2], seed=45)
+        ref, x_direct = reference(lin, x), torch.empty_like(x)
+        x_direct[lin.input_order.long()] = x
     base = torch.randn(1000, generator=g, device=DEV)
-    ref = reference(lin, x)
     for units in ("1", "0"):
         monkeypatch.setenv("KODKOD_GEMV_UNITS", units)
         out = base.clone()
