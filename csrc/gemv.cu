@@ -902,7 +902,7 @@ const char* trace_role(const GemvArgs& a, bool multi) {
 // split K while the grid fits in one wave of resident blocks and each split keeps at least 20 chunks
 // (KODKOD_GEMV_SPLIT_CHUNKS; 20 against 8: 0.5B +7%, 1.5B +1%, 7B the same, with the atomic residual
 // adds; so a 0.5B layer's QKV and O projections, 28 chunks, are not split at all). Measured on the
-// H100 (docs/performance.md): a cost rule that chose splits and 3 blocks per SM to even out the SMs'
+// H100 (docs/performance-log.md): a cost rule that chose splits and 3 blocks per SM to even out the SMs'
 // loads was 5% slower at 0.5B and 20% at 7B.
 struct Plan {
   int min_blocks, splits;
