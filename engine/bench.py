@@ -1,7 +1,8 @@
 """`kodkod bench engine`: decode and prefill speed of the engine on random models in real shapes.
 
 For each shape: a random EXL2 model (engine.convert.synthetic, about 4.0 bpw
-with a 6-bit head) is written and loaded once per backend; decode speed is
+with a 6-bit head; "0.5b-fp16" and the like: dense fp16 weights, what a GPU
+serves by default) is written and loaded once per backend; decode speed is
 timed through `Engine.generate` (what a request pays) and as bare decode steps;
 prefill is timed for several prompt lengths; the floor is the bytes a step
 reads over the device-to-device copy bandwidth measured in the same run.
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import GenerationParams, load_model
-from .convert.synthetic import exl2_bytes, random_exl2_model
+from .convert.synthetic import random_model, step_bytes
 
 PREFILL_LENGTHS = (256, 1536, 4096)
 
@@ -123,8 +124,8 @@ def run(shapes=("0.5b", "1.5b", "7b"), backends=("cuda", "torch"), work: str | N
     results = []
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         for shape in shapes:
-            path = random_exl2_model(Path(tmp) / shape, shape, device="cuda", progress=True)
-            nbytes = exl2_bytes(path)
+            path = random_model(Path(tmp) / shape, shape, device="cuda", progress=True)
+            nbytes = step_bytes(path)
             floor = nbytes / bw
             for backend in backends:
                 row = {"shape": shape, "bytes_per_token": nbytes, "copy_tb_s": round(bw / 1e12, 2),

@@ -1,7 +1,8 @@
-"""Random-weight models in the real Qwen2.5-Coder shapes, quantized to EXL2 like `convert --fast`.
+"""Random-weight models in the real Qwen2.5-Coder shapes, quantized to EXL2 like `convert --fast`
+or left in fp16 (what the server runs on a GPU by default: the imported fp16 model).
 
 For speed work and tests on machines that cannot download real weights:
-weights are drawn at a realistic scale (never zeros), every linear layer is
+weights are drawn at a realistic scale (never zeros); for EXL2 every linear layer is
 quantized with the converter's own RTN and scale search through a random
 act-order permutation, with mixed bit widths as real allocations have, and
 the directory is written exactly as `kodkod convert` writes one.
@@ -50,12 +51,24 @@ def word_tokenizer(vocab: int) -> str:
 def random_exl2_model(out: str | Path, shape: str = "0.5b", device: str = "cpu", seed: int = 0,
                       vocab: int = VOCAB, layers: int | None = None, progress: bool = False) -> Path:
     """Write a random EXL2 model (about 4.0 bpw, 6-bit head) of the named shape to `out`."""
+    return _random_model(out, shape, device, seed, vocab, layers, progress, quantize=True)
+
+
+def random_fp16_model(out: str | Path, shape: str = "0.5b", device: str = "cpu", seed: int = 0,
+                      vocab: int = VOCAB, layers: int | None = None, progress: bool = False) -> Path:
+    """Write a random model of the named shape with dense fp16 weights (its head a tensor of its own) to `out`."""
+    return _random_model(out, shape, device, seed, vocab, layers, progress, quantize=False)
+
+
+def _random_model(out, shape, device, seed, vocab, layers, progress, quantize: bool) -> Path:
     from tqdm import tqdm
 
     out = Path(out)
     cfg = qwen2_config(shape, vocab)
     if layers is not None:
         cfg["num_hidden_layers"] = layers
+    if not quantize:
+        cfg["tie_word_embeddings"] = False  # the head is written (the same bytes a step reads as a tied one)
     g = torch.Generator(device=device).manual_seed(seed)
     h, inter, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * d
@@ -65,8 +78,11 @@ def random_exl2_model(out: str | Path, shape: str = "0.5b", device: str = "cpu",
 
     tensors: dict[str, torch.Tensor] = {}
 
-    def quantized(key: str, out_f: int, in_f: int, mix: Mix, scale: float):
+    def linear(key: str, out_f: int, in_f: int, mix: Mix, scale: float):
         w = randn(out_f, in_f, scale=scale)
+        if not quantize:
+            tensors[f"{key}.weight"] = w.half().cpu()
+            return
         order = torch.rand(in_f, generator=g, device=device) + 0.1  # a random act-order permutation
         for name, t in rtn(w, make_groups(mix, in_f), order).tensors().items():
             tensors[f"{key}.{name}"] = t
@@ -79,21 +95,36 @@ def random_exl2_model(out: str | Path, shape: str = "0.5b", device: str = "cpu",
         for key, out_f, in_f in (("self_attn.q_proj", h, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
                                  ("self_attn.o_proj", h, h), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h),
                                  ("mlp.down_proj", h, inter)):
-            quantized(f"{p}.{key}", out_f, in_f, LAYER_MIXES[i % len(LAYER_MIXES)], in_f ** -0.5)
+            linear(f"{p}.{key}", out_f, in_f, LAYER_MIXES[i % len(LAYER_MIXES)], in_f ** -0.5)
             i += 1
         for key, n in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             tensors[f"{p}.self_attn.{key}.bias"] = randn(n, scale=0.02).half().cpu()
         tensors[f"{p}.input_layernorm.weight"] = (1 + randn(h, scale=0.1)).half().cpu()
         tensors[f"{p}.post_attention_layernorm.weight"] = (1 + randn(h, scale=0.1)).half().cpu()
-    quantized("lm_head", vocab, h, HEAD_MIX, h ** -0.5)
+    linear("lm_head", vocab, h, HEAD_MIX, h ** -0.5)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(word_tokenizer(vocab))
-    write_model_dir(out, out, cfg, tensors, {"quant_method": "exl2", "bits": 4.0, "head_bits": 6,
-                                            "calibration": {"dataset": "(random weights)"}})
+    quant = {"quant_method": "exl2", "bits": 4.0, "head_bits": 6, "calibration": {"dataset": "(random weights)"}}
+    write_model_dir(out, out, cfg, tensors, quant if quantize else None)
     return out
 
 
-def exl2_bytes(path: str | Path) -> int:
+def parse_model_name(name: str) -> tuple[str, bool]:
+    """(shape, fp16) of a random model's name: a shape ("0.5b": EXL2 4.0 bpw) or a shape with
+    "-fp16" ("0.5b-fp16": dense fp16 weights)."""
+    shape, dash, fmt = name.partition("-")
+    if shape not in SHAPES or (dash and fmt != "fp16"):
+        raise ValueError(f"unknown model {name!r}: one of {', '.join(SHAPES)}, each optionally with -fp16")
+    return shape, fmt == "fp16"
+
+
+def random_model(out: str | Path, name: str, **kw) -> Path:
+    """The random model `name` names (parse_model_name), written to `out`."""
+    shape, fp16 = parse_model_name(name)
+    return (random_fp16_model if fp16 else random_exl2_model)(out, shape, **kw)
+
+
+def step_bytes(path: str | Path) -> int:
     """Bytes a decode step reads from the weights: every tensor but the embedding table (one row of it)."""
     from safetensors import safe_open
 

@@ -83,7 +83,9 @@ def run_http(args) -> int:
 # name -> (add_arguments, run, one-line help)
 # ---------------------------------------------------------------- bench engine
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", default="0.5b,1.5b,7b", help="Qwen2.5-Coder shapes (default 0.5b,1.5b,7b)")
+    p.add_argument("--shapes", default="0.5b,1.5b,7b",
+                   help="Qwen2.5-Coder shapes at 4.0 bpw EXL2, or with -fp16 for dense fp16 weights (what a GPU "
+                        "serves by default), e.g. 0.5b,0.5b-fp16 (default 0.5b,1.5b,7b)")
     p.add_argument("--backends", default="cuda,torch", help="engine backends to compare (default cuda,torch)")
     p.add_argument("--max-len", type=int, default=4608, help="context (KV cache) length (default 4608)")
     p.add_argument("--work", help="folder for the random models (default: a temporary folder)")
@@ -93,6 +95,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def run_engine(args) -> int:
     import torch
 
+    from engine.convert.synthetic import parse_model_name
+
+    shapes = tuple(args.shapes.split(","))
+    try:
+        for name in shapes:
+            parse_model_name(name)
+    except ValueError as exc:
+        print(f"kodkod bench engine: {exc}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("kodkod bench engine: needs a CUDA GPU (it times the GPU engine)", file=sys.stderr)
         return 2
@@ -100,7 +111,7 @@ def run_engine(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = bench.run(shapes=tuple(args.shapes.split(",")), backends=tuple(args.backends.split(",")),
+    rows = bench.run(shapes=shapes, backends=tuple(args.backends.split(",")),
                      work=args.work, max_len=args.max_len, out=str(out / "engine.json"))
     (out / "engine.md").write_text(bench.markdown(rows) + "\n")
     bench.chart(rows, out / "engine.png")

@@ -175,10 +175,10 @@ def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_long_tiles_run_on_the_units_kernel_reading_their_input_in_place(ext, workspace, monkeypatch, dense):
-    """A one-wave grid whose tiles each stream at least 256 KB (7B's down projection; an fp16
-    model's from K = 4,096) runs on the units kernel, split over K; an fp16 input that needs no
-    gather (the previous layer wrote it in this matrix's order) is read where it lies. Residual adds
-    by atomics, against fp64 and against the wave kernel."""
+    """A one-wave grid of EXL2 tiles that each stream at least 256 KB (7B's down projection) runs on
+    the units kernel, split over K; an fp16 input that needs no gather (the previous layer wrote it
+    in this matrix's order) is read where it lies. Residual adds by atomics, against fp64 and
+    against the wave kernel. Dense fp16 tiles as long stay on the wave kernel (not measured yet)."""
     k = 8192 if dense else 18944  # dense: 512 KB a tile; 4 bits: 2,368 rows, 303 KB
     g = torch.Generator(device=DEV).manual_seed(46)
     x = torch.randn(k, generator=g, device=DEV).half()
@@ -198,8 +198,8 @@ def test_long_tiles_run_on_the_units_kernel_reading_their_input_in_place(ext, wo
         ext.gemv([lin.kernel_matrix_direct], x_direct, kernels.IN_HALF, None, None, 0.0, kernels.OUT_RESIDUAL, 0,
                  [out], *workspace)
         plan = ext.gemv_last_plan()
-        assert plan["units"] == (units == "1")
-        if units == "1":
+        assert plan["units"] == (units == "1" and not dense)
+        if plan["units"]:
             assert plan["splits"] > 4  # past the multi-wave rule's limit
         assert rel_err(out - base, ref) <= 1e-3
 
