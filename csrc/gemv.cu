@@ -902,8 +902,8 @@ const char* trace_role(const GemvArgs& a, bool multi) {
 // split K while the grid fits in one wave of resident blocks and each split keeps at least 20 chunks
 // (KODKOD_GEMV_SPLIT_CHUNKS; 20 against 8: 0.5B +7%, 1.5B +1%, 7B the same, with the atomic residual
 // adds; so a 0.5B layer's QKV and O projections, 28 chunks, are not split at all). Measured on the
-// H100 (docs/performance-log.md): a cost rule that chose splits and 3 blocks per SM to even out the SMs'
-// loads was 5% slower at 0.5B and 20% at 7B.
+// H100 (docs/performance-log.md): a cost rule that chose splits and 3 blocks per SM to even out
+// the SMs' loads was 5% slower at 0.5B and 20% at 7B.
 struct Plan {
   int min_blocks, splits;
 };
@@ -996,9 +996,10 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   // The units kernel, for one matrix or gate and up: (1) more tiles than one wave of resident
   // blocks (3 per SM); (2) EXL2 tiles of one matrix that each stream at least 256 KB (7B's down
   // projection: 303 KB tiles, 3.99 -> 3.62 ms a step; 1.5B's, 143 KB, lost 2.5% that way; dense
-  // fp16 tiles not measured yet, so they stay on the wave kernel), with up to 16 K splits. K splits: the least work per block (ceil(tiles * s / slots) / s tiles), the
-  // fewest on ties; pairs from 4 chunks per warp and unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves
-  // (read per launch, so that tests can take both paths).
+  // fp16 tiles not measured yet, so they stay on the wave kernel), with up to 16 K splits. K
+  // splits: the least work per block (ceil(tiles * s / slots) / s tiles), the fewest on ties; pairs
+  // from 4 chunks per warp and unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves (read per launch, so
+  // that tests can take both paths).
   const char* units_env = std::getenv("KODKOD_GEMV_UNITS");
   const int slots = 3 * sm_count();
   const bool long_tiles = a.n_mats == 1 && a.out_mode != kOutGated && tiles_total <= slots && a.mat[0].q_scale &&
