@@ -54,13 +54,9 @@ def random_exl2_model(out: str | Path, shape: str = "0.5b", device: str = "cpu",
     return _random_model(out, shape, device, seed, vocab, layers, progress, quantize=True)
 
 
-def random_fp16_model(out: str | Path, shape: str = "0.5b", device: str = "cpu", seed: int = 0,
-                      vocab: int = VOCAB, layers: int | None = None, progress: bool = False) -> Path:
-    """Write a random model of the named shape with dense fp16 weights (its head a tensor of its own) to `out`."""
-    return _random_model(out, shape, device, seed, vocab, layers, progress, quantize=False)
-
-
-def _random_model(out, shape, device, seed, vocab, layers, progress, quantize: bool) -> Path:
+def _random_model(out, shape, device="cpu", seed=0, vocab=VOCAB, layers=None, progress=False,
+                  quantize: bool = True) -> Path:
+    """quantize False: dense fp16 weights, the head a tensor of its own."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -121,7 +117,7 @@ def parse_model_name(name: str) -> tuple[str, bool]:
 def random_model(out: str | Path, name: str, **kw) -> Path:
     """The random model `name` names (parse_model_name), written to `out`."""
     shape, fp16 = parse_model_name(name)
-    return (random_fp16_model if fp16 else random_exl2_model)(out, shape, **kw)
+    return _random_model(out, shape, quantize=not fp16, **kw)
 
 
 def step_bytes(path: str | Path) -> int:

@@ -1,6 +1,8 @@
 """Random-weight models in the real shapes (engine.convert.synthetic): what `kodkod bench engine` times."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -58,8 +60,6 @@ def test_bench_engine_refuses_an_unknown_shape_before_anything_else(capsys):
 
 def test_fp16_models_tie_nothing(tmp_path):
     """The fp16 model writes its head as a tensor of its own, so a step reads it as a tied one would."""
-    import json
-
     path = random_model(tmp_path / "d", "0.5b-fp16", vocab=512, layers=1)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"] is None
