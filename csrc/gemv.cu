@@ -589,6 +589,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   const int ks = blockIdx.y, nks = gridDim.y;
   const int warp = threadIdx.x / 32, slice = warp / TW;
   trace_point(a.trace, 0);
+  if (a.early) pdl_trigger();
   Smem sm;
   smem_bytes(a, TILE, MULTI, &sm, smem);
   const int stride = a.mat[0].x_len;  // MULTI: the rows of the inputs in global memory
@@ -666,7 +667,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_kernel(const GemvAr
   copies_commit();
   trace_point(a.trace, 1);
   pdl_wait();  // from here on the input (written by the previous kernel) is complete
-  pdl_trigger();
+  if (!a.early) pdl_trigger();
   trace_point(a.trace, 2);
 
   if constexpr (!MULTI) {
@@ -746,6 +747,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_units_kernel(const 
   const int u_hi = (int)((long long)units * (blockIdx.x + 1) / gridDim.x);
   const int warp = threadIdx.x / 32, slice = warp / TW;
   trace_point(a.trace, 0);
+  if (a.early) pdl_trigger();
   Smem sm;
   smem_bytes(a, TILE, false, &sm, smem);
   Lane L;
@@ -763,7 +765,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_units_kernel(const 
   copies_commit();
   trace_point(a.trace, 1);
   pdl_wait();
-  pdl_trigger();
+  if (!a.early) pdl_trigger();
   trace_point(a.trace, 2);
   float mean = 0.f, rstd = 1.f;
   if (a.in_mode != kInHalf) norm_stats(a, sm, stats, mean, rstd);
@@ -882,6 +884,13 @@ int dynamic_smem_budget(int min_blocks) {
 
 static GemvPlan last_plan{};  // gemv_last_plan()
 
+// Bytes of weights a launch streams (packed rows of 32-bit words for EXL2, fp16 rows for dense).
+long long weight_bytes(const GemvArgs& a) {
+  long long bytes = 0;
+  for (int i = 0; i < a.n_mats; ++i) bytes += (long long)a.mat[i].rows * a.mat[i].n * (a.mat[i].q_scale ? 4 : 2);
+  return bytes;
+}
+
 // The output mode a launch of `splits` K splits runs: a split residual add adds each split's partial
 // sums into the fp32 residual stream with atomics (no merge: no second pass, counter or fence); the
 // order of the splits' adds varies, so the stream may differ in its last bits from run to run.
@@ -949,6 +958,7 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
                                   (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
   args.trace = trace_region(trace_role(a, MULTI), blocks * splits);
+  args.early = !MULTI && pdl_early_gemv(weight_bytes(a));
   if (!MULTI) last_plan = GemvPlan{splits, MIN_BLOCKS, blocks * splits, false};
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
 }
@@ -971,6 +981,7 @@ bool launch_units(const GemvArgs& a, int splits, cudaStream_t stream) {
   if ((int)smem > dynamic_smem_budget<gemv_units_kernel<TW, MB, PAIRS>>(MB)) return false;
   const int blocks = std::min(tiles_n * splits, MB * sm_count());
   args.trace = trace_region(trace_role(a, false), blocks);
+  args.early = pdl_early_gemv(weight_bytes(a));
   last_plan = GemvPlan{splits, MB, blocks, true};
   launch(gemv_units_kernel<TW, MB, PAIRS>, dim3(blocks), dim3(kThreads), smem, stream, args, splits);
   return true;

@@ -63,6 +63,7 @@ struct GemvArgs {
   unsigned long long* trace;  // trace.cuh (set by the launcher)
   int tokens;                 // set by gemv_tokens: tokens of a multi-token pass
   int x_span;                 // set by the launcher: input rows of one split, at most (a multiple of 8)
+  int early;                  // set by the launcher: let the next kernel launch on entry (launch.cuh)
 };
 
 void gemv(const GemvArgs& a, cudaStream_t stream);
@@ -103,6 +104,7 @@ struct AttentionArgs {
   int split_len;          // set by the launcher: positions per split where a context exceeds chunk
   float scale;
   unsigned long long* trace;  // trace.cuh (set by the launcher)
+  int early;                  // set by the launcher: let the next kernel launch on entry (launch.cuh)
 };
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
@@ -125,6 +127,7 @@ struct SampleArgs {
   float* partial;            // [blocks * 2] scratch
   int* counter;              // one int, zeroed once
   unsigned long long* trace; // trace.cuh (set by the launcher)
+  int early;                 // set by the launcher: let the next kernel launch on entry (launch.cuh)
 };
 
 void sample(const SampleArgs& a, cudaStream_t stream);
