@@ -958,7 +958,7 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
                                   (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
   args.trace = trace_region(trace_role(a, MULTI), blocks * splits);
-  args.early = !MULTI && pdl_early_gemv(weight_bytes(a));
+  args.early = !MULTI && pdl_early_gemv(weight_bytes(a), a.k_in);
   if (!MULTI) last_plan = GemvPlan{splits, MIN_BLOCKS, blocks * splits, false};
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
 }
@@ -981,7 +981,7 @@ bool launch_units(const GemvArgs& a, int splits, cudaStream_t stream) {
   if ((int)smem > dynamic_smem_budget<gemv_units_kernel<TW, MB, PAIRS>>(MB)) return false;
   const int blocks = std::min(tiles_n * splits, MB * sm_count());
   args.trace = trace_region(trace_role(a, false), blocks);
-  args.early = pdl_early_gemv(weight_bytes(a));
+  args.early = pdl_early_gemv(weight_bytes(a), a.k_in);
   last_plan = GemvPlan{splits, MB, blocks, true};
   launch(gemv_units_kernel<TW, MB, PAIRS>, dim3(blocks), dim3(kThreads), smem, stream, args, splits);
   return true;

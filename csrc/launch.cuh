@@ -74,9 +74,11 @@ inline bool pdl_enabled() {
 // 0.5B / 0.5B fp16 / 1.5B / 7B): 1,281 -> 1,336 / 872 -> 953 / 662 -> 641 / 274 -> 266.
 // KODKOD_PDL_EARLY_KB: GEMV launches of at most this many KB of weights (-1: none);
 // KODKOD_PDL_EARLY_SMALL=1: attention, sampling and the embedding lookup.
-inline bool pdl_early_gemv(long long weight_bytes) {
+// KODKOD_PDL_EARLY_K: GEMV launches whose input has at most this many rows.
+inline bool pdl_early_gemv(long long weight_bytes, int k) {
   static const long long most = [] { const char* e = std::getenv("KODKOD_PDL_EARLY_KB"); return e ? std::atoll(e) : -1LL; }();
-  return most >= 0 && weight_bytes <= most * 1024;
+  static const int most_k = [] { const char* e = std::getenv("KODKOD_PDL_EARLY_K"); return e ? std::atoi(e) : -1; }();
+  return (most >= 0 && weight_bytes <= most * 1024) || k <= most_k;
 }
 
 inline bool pdl_early_small() {
