@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionA
   const int h0 = kvh * group + hg * kRows, rows = min(kRows, group - hg * kRows);
   const int split = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   trace_point(a.trace, 0);
-  if (a.early) pdl_trigger();
+  pdl_trigger();  // launch.cuh: short kernels let the next launch on entry
   const int pos = *a.pos;  // written by the previous step's sampler, not by the kernel before this one
   const int lo = a.window > 0 ? max(0, pos - a.window + 1) : 0;
   // One block while the context fits its shared memory (no merge), else splits of split_len.
@@ -138,7 +138,6 @@ __global__ void __launch_bounds__(kThreads, 1) attention_kernel(const AttentionA
   }
   trace_point(a.trace, 1);
   pdl_wait();
-  if (!a.early) pdl_trigger();
   trace_point(a.trace, 2);
 
   // 0. The query rows of the group (zero past them and past d), the new key and value.
@@ -372,7 +371,6 @@ void decode_attention(const AttentionArgs& a, cudaStream_t stream) {
   args.chunk = attention_chunk(a.d);
   args.split_len = attention_split_len(a.d);
   args.trace = trace_region("attention", grid.x * grid.y);
-  args.early = pdl_early_small();
   switch (padded_dims(a.d)) {
     case 64: launch_attention<4>(args, grid, stream); break;
     case 128: launch_attention<8>(args, grid, stream); break;

@@ -884,13 +884,6 @@ int dynamic_smem_budget(int min_blocks) {
 
 static GemvPlan last_plan{};  // gemv_last_plan()
 
-// Bytes of weights a launch streams (packed rows of 32-bit words for EXL2, fp16 rows for dense).
-long long weight_bytes(const GemvArgs& a) {
-  long long bytes = 0;
-  for (int i = 0; i < a.n_mats; ++i) bytes += (long long)a.mat[i].rows * a.mat[i].n * (a.mat[i].q_scale ? 4 : 2);
-  return bytes;
-}
-
 // The output mode a launch of `splits` K splits runs: a split residual add adds each split's partial
 // sums into the fp32 residual stream with atomics (no merge: no second pass, counter or fence); the
 // order of the splits' adds varies, so the stream may differ in its last bits from run to run.
@@ -958,7 +951,7 @@ void launch_gemv(const GemvArgs& a, int splits, cudaStream_t stream) {
                                   (int)smem_bytes(args, TILE, MULTI));
   args.window = std::min(rows * parts, room) / (16 * parts) * (16 * parts);
   args.trace = trace_region(trace_role(a, MULTI), blocks * splits);
-  args.early = !MULTI && pdl_early_gemv(weight_bytes(a), a.k_in);
+  args.early = !MULTI && pdl_early_gemv(a.k_in);
   if (!MULTI) last_plan = GemvPlan{splits, MIN_BLOCKS, blocks * splits, false};
   launch(gemv_kernel<TW, MIN_BLOCKS, MULTI, PAIRS>, dim3(blocks, splits), dim3(kThreads), smem_bytes(args, TILE, MULTI), stream, args);
 }
@@ -981,7 +974,7 @@ bool launch_units(const GemvArgs& a, int splits, cudaStream_t stream) {
   if ((int)smem > dynamic_smem_budget<gemv_units_kernel<TW, MB, PAIRS>>(MB)) return false;
   const int blocks = std::min(tiles_n * splits, MB * sm_count());
   args.trace = trace_region(trace_role(a, false), blocks);
-  args.early = pdl_early_gemv(weight_bytes(a), a.k_in);
+  args.early = pdl_early_gemv(a.k_in);
   last_plan = GemvPlan{splits, MB, blocks, true};
   launch(gemv_units_kernel<TW, MB, PAIRS>, dim3(blocks), dim3(kThreads), smem, stream, args, splits);
   return true;

@@ -104,7 +104,6 @@ struct AttentionArgs {
   int split_len;          // set by the launcher: positions per split where a context exceeds chunk
   float scale;
   unsigned long long* trace;  // trace.cuh (set by the launcher)
-  int early;                  // set by the launcher: let the next kernel launch on entry (launch.cuh)
 };
 
 void decode_attention(const AttentionArgs& a, cudaStream_t stream);
@@ -127,7 +126,6 @@ struct SampleArgs {
   float* partial;            // [blocks * 2] scratch
   int* counter;              // one int, zeroed once
   unsigned long long* trace; // trace.cuh (set by the launcher)
-  int early;                 // set by the launcher: let the next kernel launch on entry (launch.cuh)
 };
 
 void sample(const SampleArgs& a, cudaStream_t stream);

@@ -2,8 +2,8 @@
 // in the stream is still running. Everything it does before pdl_wait() must not read what the
 // previous kernel writes (weights, tables and indices are fine) and must write nothing but shared
 // memory; pdl_trigger() lets the next kernel launch and start its own early part. A kernel
-// triggers after its wait, or on entry where the launcher says so (pdl_early_*): then the next
-// kernel's blocks launch once all of this one's have started, while this one still waits and
+// triggers after its wait, or on entry (attention, sampling, the embedding, and the GEMVs that
+// pdl_early_gemv picks): then the next kernel's blocks launch once all of this one's have started, while this one still waits and
 // runs; its own pdl_wait() still waits for this kernel to complete (and, through this kernel's
 // wait, for every kernel before). Older GPUs launch normally and both calls are no-ops.
 #pragma once
@@ -70,20 +70,15 @@ inline bool pdl_enabled() {
   return enabled;
 }
 
-// Which launches trigger on entry. Measured on the H100 with every kernel triggering on entry (tok/s,
-// 0.5B / 0.5B fp16 / 1.5B / 7B): 1,281 -> 1,336 / 872 -> 953 / 662 -> 641 / 274 -> 266.
-// KODKOD_PDL_EARLY_KB: GEMV launches of at most this many KB of weights (-1: none);
-// KODKOD_PDL_EARLY_SMALL=1: attention, sampling and the embedding lookup.
-// KODKOD_PDL_EARLY_K: GEMV launches whose input has at most this many rows.
-inline bool pdl_early_gemv(long long weight_bytes, int k) {
-  static const long long most = [] { const char* e = std::getenv("KODKOD_PDL_EARLY_KB"); return e ? std::atoll(e) : -1LL; }();
-  static const int most_k = [] { const char* e = std::getenv("KODKOD_PDL_EARLY_K"); return e ? std::atoi(e) : -1; }();
-  return (most >= 0 && weight_bytes <= most * 1024) || k <= most_k;
-}
-
-inline bool pdl_early_small() {
-  static const bool early = [] { const char* e = std::getenv("KODKOD_PDL_EARLY_SMALL"); return e && e[0] == '1'; }();
-  return early;
+// Which launches trigger on entry. A/B on the H100 (tok/s, 0.5B / 0.5B fp16 / 1.5B / 7B): after
+// the wait everywhere 1,283 / 874 / 660 / 274; on entry everywhere 1,337 / 951 / 642 / 265 (each
+// kernel lets the next launch a few us sooner, but 1.5B and 7B lose 3%); attention, sampling and
+// the embedding alone 1,283 / 874 / 659 / 275; those and the GEMVs of inputs up to 1,024 rows
+// 1,338 / 935 / 659 / 274 (the HTTP median on the fp16 0.5B: 49.2 -> 45.1 ms).
+// KODKOD_PDL_EARLY_K: the most input rows of a GEMV that triggers on entry (-1: none).
+inline bool pdl_early_gemv(int k) {
+  static const int most = [] { const char* e = std::getenv("KODKOD_PDL_EARLY_K"); return e ? std::atoi(e) : 1024; }();
+  return k <= most;
 }
 
 template <typename... Params, typename... Args>

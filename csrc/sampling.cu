@@ -47,9 +47,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
   __shared__ int red_i[32];
   __shared__ bool last;
   trace_point(a.trace, 0);
-  if (a.early) pdl_trigger();
+  pdl_trigger();  // launch.cuh: short kernels let the next launch on entry
   pdl_wait();
-  if (!a.early) pdl_trigger();
   trace_point(a.trace, 2);
   const float temperature = a.params[0], penalty = a.params[1], threshold = a.params[2];
   const bool greedy = temperature <= 1e-5f;
@@ -103,10 +102,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const SampleArgs a) {
   trace_point(a.trace, 5);
 }
 
-__global__ void embed_kernel(const half* table, const int64_t* token, float* out, int hidden, int early) {
-  if (early) pdl_trigger();
+__global__ void embed_kernel(const half* table, const int64_t* token, float* out, int hidden) {
+  pdl_trigger();  // launch.cuh
   pdl_wait();
-  if (!early) pdl_trigger();
   const half* row = table + (size_t)(*token) * hidden;
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < hidden; i += gridDim.x * blockDim.x)
     out[i] = __half2float(row[i]);
@@ -117,12 +115,11 @@ __global__ void embed_kernel(const half* table, const int64_t* token, float* out
 void sample(const SampleArgs& a, cudaStream_t stream) {
   SampleArgs args = a;
   args.trace = trace_region("sample", kBlocks);
-  args.early = pdl_early_small();
   launch(sample_kernel, dim3(kBlocks), dim3(kThreads), 0, stream, args);
 }
 
 void embed(const half* table, const int64_t* token, float* out, int hidden, cudaStream_t stream) {
-  launch(embed_kernel, dim3((hidden + 255) / 256), dim3(256), 0, stream, table, token, out, hidden, (int)pdl_early_small());
+  launch(embed_kernel, dim3((hidden + 255) / 256), dim3(256), 0, stream, table, token, out, hidden);
 }
 
 }  // namespace kodkod
