@@ -3,9 +3,9 @@
 // previous kernel writes (weights, tables and indices are fine) and must write nothing but shared
 // memory; pdl_trigger() lets the next kernel launch and start its own early part. A kernel
 // triggers after its wait, or on entry (attention, sampling, the embedding, and the GEMVs that
-// pdl_early_gemv picks): then the next kernel's blocks launch once all of this one's have started, while this one still waits and
-// runs; its own pdl_wait() still waits for this kernel to complete (and, through this kernel's
-// wait, for every kernel before). Older GPUs launch normally and both calls are no-ops.
+// pdl_early_gemv picks): then the next kernel's blocks launch once all of this one's have
+// started, while this one still waits and runs; their pdl_wait() still waits for this kernel to
+// complete (and, through this kernel's wait, for every kernel before). Older GPUs launch normally and both calls are no-ops.
 #pragma once
 #include <cstdlib>
 #include <cuda_runtime.h>
