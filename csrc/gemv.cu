@@ -778,21 +778,25 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) gemv_units_kernel(const 
   __syncthreads();
   trace_point(a.trace, 3);
 
-  for (int u = u_lo; u < u_hi; ++u) {
+  // A tile whose every split falls in this block's run is one unit of all of K, with no merge
+  // (7B's gate+up, 2 splits, 3 units a block: two tiles in three).
+  for (int u = u_lo; u < u_hi;) {
     const int tile = u / nks, ks = u % nks;
+    const bool whole = nks > 1 && ks == 0 && u + nks <= u_hi;
     L.col = tile * TILE + L.sub * 32;
     float y[2] = {0.f, 0.f};
     for (int j = 0; j < parts; ++j) {
       const Matrix& m = a.mat[j];
       L.x = direct ? static_cast<const half*>(a.x) : sm.xs + j * a.x_span;
       const Part p{};  // no window; scales from global memory
-      const int2 range = split_range(m, ks, nks);
+      const int2 range = whole ? make_int2(0, m.n_chunks) : split_range(m, ks, nks);
       float acc[2][4] = {};
       if (L.col < m.n) walk<TILE, SLICES, PAIRS, false>(m, p, Chunks{nullptr, m.chunks, 0}, range.x + slice, range.y, L, acc);
       y[j] = slice_sums<TILE, SLICES>(sm, L, slice, acc);
     }
     trace_point(a.trace, 4);
-    finish<TILE>(a, 0, tile, tile, ks, nks, y);
+    finish<TILE>(a, 0, tile, tile, whole ? 0 : ks, whole ? 1 : nks, y);
+    u += whole ? nks : 1;
   }
 }
 
