@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine import GenerationParams, load_model
-from engine.convert.synthetic import random_exl2_model
+from engine.convert.synthetic import random_model
 
 ROLES = ("qkv", "attention", "o", "gate_up", "down")
 
@@ -27,12 +27,12 @@ def kernel_events(prof):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("shape", nargs="?", default="0.5b")
+    ap.add_argument("shape", nargs="?", default="0.5b", help="0.5b, 1.5b or 7b (EXL2 4.0 bpw); with -fp16: dense fp16 weights")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--max-len", type=int, default=4608)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = random_exl2_model(f"{tmp}/m", args.shape, device="cuda", layers=args.layers)
+        path = random_model(f"{tmp}/m", args.shape, device="cuda", layers=args.layers)
         eng = load_model(path, device="cuda", backend="cuda", max_seq_len=args.max_len, progress=False)
         eng.warm_up()
         prompt = list(range(1, 1537))

@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 from engine import GenerationParams, kernels, load_model
-from engine.convert.synthetic import random_exl2_model
+from engine.convert.synthetic import random_model
 
 # csrc: 0 entry, 1 before the dependency wait, 2 past it, 3 input ready, 4 result, 5 block done,
 # 6 merge done (last block only)
@@ -57,14 +57,14 @@ def analyse(names: list[str], stamps: torch.Tensor) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("shape", nargs="?", default="0.5b")
+    ap.add_argument("shape", nargs="?", default="0.5b", help="0.5b, 1.5b or 7b (EXL2 4.0 bpw); with -fp16: dense fp16 weights")
     ap.add_argument("--context", type=int, default=1536)
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()
     if os.environ.get("KODKOD_TRACE") != "1":
         raise SystemExit("run with KODKOD_TRACE=1 (a trace build of the kernels)")
     with tempfile.TemporaryDirectory() as tmp:
-        path = random_exl2_model(f"{tmp}/m", args.shape, device="cuda")
+        path = random_model(f"{tmp}/m", args.shape, device="cuda")
         eng = load_model(path, device="cuda", backend="cuda", max_seq_len=args.context + 512, progress=False)
         ext = kernels.load()
         prompt = list(range(1, args.context + 1))

@@ -1004,14 +1004,16 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   // The units kernel, for one matrix or gate and up: (1) more tiles than one wave of resident
   // blocks (3 per SM); (2) EXL2 tiles of one matrix that each stream at least 256 KB (7B's down
   // projection: 303 KB tiles, 3.99 -> 3.62 ms a step; 1.5B's, 143 KB, lost 2.5% that way; dense
-  // fp16 tiles not measured yet, so they stay on the wave kernel), with up to 16 K splits. K
-  // splits: the least work per block (ceil(tiles * s / slots) / s tiles), the fewest on ties; pairs
-  // from 4 chunks per warp and unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves (read per launch, so
-  // that tests can take both paths).
+  // fp16 tiles not measured yet, so they stay on the wave kernel: KODKOD_GEMV_LONG_DENSE=1 puts
+  // them there too, an experiment knob), with up to 16 K splits. K splits: the least work per
+  // block (ceil(tiles * s / slots) / s tiles), the fewest on ties; pairs from 4 chunks per warp and
+  // unit. KODKOD_GEMV_UNITS=0: gemv_kernel's waves (read per launch, so that tests can take both
+  // paths).
   const char* units_env = std::getenv("KODKOD_GEMV_UNITS");
   const int slots = 3 * sm_count();
-  const bool long_tiles = a.n_mats == 1 && a.out_mode != kOutGated && tiles_total <= slots && a.mat[0].q_scale &&
-                          (long long)a.mat[0].rows * (wide ? 128 : 32) * 4 >= 256 * 1024;
+  static const bool long_dense = [] { const char* e = std::getenv("KODKOD_GEMV_LONG_DENSE"); return e && e[0] == '1'; }();
+  const bool long_tiles = a.n_mats == 1 && a.out_mode != kOutGated && tiles_total <= slots && (a.mat[0].q_scale || long_dense) &&
+                          (long long)a.mat[0].rows * (wide ? 128 : 32) * (a.mat[0].q_scale ? 4 : 2) >= 256 * 1024;
   if (!(units_env && units_env[0] == '0') && (a.out_mode == kOutGated || a.n_mats == 1) &&
       ((plan.min_blocks == 3 && tiles_total > slots) || long_tiles)) {
     const auto units_each = [&](int s) { return (long long)(tiles_total * s + slots - 1) / slots; };  // per block, at most
