@@ -1,9 +1,11 @@
 """Where a decode step and a prefill spend their GPU time (run on the GPU machine).
 
-python benchmarks/profile_step.py [SHAPE] [--layers N]
+python benchmarks/profile_step.py [SHAPE] [--layers N] [--continued T]
 Prints the kernels of one eager fast-path decode step by role (launch order is
 fixed: embed, per layer qkv/attention/o/gate-up/down, head, sample), the graph
-replay time, and the top operators of a 1,536-token prefill.
+replay time, the top operators of a 1,536-token prefill, and those of a continued
+prompt of T tokens after 1,300 cached ones (what a keystroke recomputes: the cursor
+line and the suffix), with its wall time.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main():
     ap.add_argument("shape", nargs="?", default="0.5b", help="0.5b, 1.5b or 7b (EXL2 4.0 bpw); with -fp16: dense fp16 weights")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--max-len", type=int, default=4608)
+    ap.add_argument("--continued", type=int, default=240, help="tokens of the continued prompt (default 240)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = random_model(f"{tmp}/m", args.shape, device="cuda", layers=args.layers)
@@ -75,6 +78,22 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             eng.decoder.prefill(prompt, 0)
             torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        more = list(range(2000, 2000 + args.continued))
+        times = []
+        for _ in range(20):  # graph capture on the first
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.decoder.prefill(more, 1300)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            eng.decoder.prefill(more, 1300)
+            torch.cuda.synchronize()
+        ev = kernel_events(prof)
+        gpu = sum(getattr(e, "device_time_total", 0) for e in ev)
+        print(f"continued prompt of {args.continued} tokens after 1,300: wall median "
+              f"{statistics.median(times[1:]) * 1e3:.2f} ms, {len(ev)} kernels, {gpu / 1e3:.2f} ms of kernel time")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
