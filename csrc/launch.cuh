@@ -5,7 +5,8 @@
 // triggers after its wait, or on entry (attention, sampling, the embedding, and the GEMVs that
 // pdl_early_gemv picks): then the next kernel's blocks launch once all of this one's have
 // started, while this one still waits and runs; their pdl_wait() still waits for this kernel to
-// complete (and, through this kernel's wait, for every kernel before). Older GPUs launch normally and both calls are no-ops.
+// complete (and, through this kernel's wait, for every kernel before). Older GPUs launch normally
+// and both calls are no-ops.
 #pragma once
 #include <cstdlib>
 #include <cuda_runtime.h>
