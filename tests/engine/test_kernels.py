@@ -173,6 +173,31 @@ def test_grids_past_one_wave_run_on_the_units_kernel(ext, workspace, monkeypatch
         assert workspace[1].sum().item() == 0  # every tile's counter back at zero
 
 
+def test_gated_units_knob_splits_a_one_wave_gate_up(ext, workspace, monkeypatch):
+    """KODKOD_GEMV_UNITS=g (an experiment knob): a gate+up of fewer tiles than resident slots, which
+    the wave kernel runs by default, runs on the units kernel split over K (1.5B's shape: 280 tiles
+    of K 1,536 for 396 slots), and both match the fp64 reference."""
+    slots = 3 * torch.cuda.get_device_properties(0).multi_processor_count
+    n, k = 32 * (slots * 2 // 3 + 7), 1536
+    g = torch.Generator(device=DEV).manual_seed(45)
+    h = torch.randn(k, generator=g, device=DEV) * 3
+    w = (1 + 0.2 * torch.randn(k, generator=g, device=DEV)).half()
+    gate, up = (random_layer(ext, n, k, MIXES[-2], seed=s, bias=False) for s in (46, 47))
+    xr = rms_rounded(h, w, 1e-6)
+    ref = torch.nn.functional.silu(reference(gate, xr)) * reference(up, xr)
+    for units in ("g", "1"):
+        monkeypatch.setenv("KODKOD_GEMV_UNITS", units)
+        out = torch.full((n,), float("nan"), device=DEV, dtype=torch.float16)
+        ext.gemv([gate.kernel_matrix, up.kernel_matrix], h, kernels.IN_RMS_NORM, w, None, 1e-6, kernels.OUT_GATED,
+                 kernels.ACTIVATION_IDS["silu"], [out], *workspace)
+        plan = ext.gemv_last_plan()
+        assert plan["units"] == (units == "g")
+        if units == "g":
+            assert plan["splits"] > 1
+        assert rel_err(out, ref) <= 3e-3
+        assert workspace[1].sum().item() == 0
+
+
 @pytest.mark.parametrize("dense", [False, True])
 def test_long_tiles_run_on_the_units_kernel_reading_their_input_in_place(ext, workspace, monkeypatch, dense):
     """A one-wave grid of EXL2 tiles that each stream at least 256 KB (7B's down projection) runs on
