@@ -1,5 +1,6 @@
 """Random-weight models in the real Qwen2.5-Coder shapes, quantized to EXL2 like `convert --fast`
-or left in fp16 (what the server runs on a GPU by default: the imported fp16 model).
+(about 4.0 bpw, or 8.0) or left in fp16 (what the server runs on a GPU by default: the imported
+fp16 model).
 
 For speed work and tests on machines that cannot download real weights:
 weights are drawn at a realistic scale (never zeros); for EXL2 every linear layer is
@@ -26,10 +27,16 @@ SHAPES: dict[str, dict] = {
 }
 VOCAB = 151936
 
-# About 4.0 bits per weight with the mixes real allocations pick; the head at 6 bits.
-LAYER_MIXES = (Mix(((1.0, 4),), 128), Mix(((0.25, 5), (0.75, 4)), 32), Mix(((0.1, 4), (0.9, 3)), 32),
-               Mix(((0.1, 6), (0.9, 4)), 64))
-HEAD_MIX = Mix(((1.0, 6),), 128)
+# The EXL2 forms: (bits, head bits, layer mixes in turn, head mix), with the mixes real allocations
+# pick. 4bpw: about 4.0 bits per weight, the head at 6 bits (the issue's shapes); 8bpw: what
+# `convert --fast -b 8.0 --head-bits 8` picks for the real 0.5B model (8 bits, some 6).
+EXL2_FORMS: dict[str, tuple] = {
+    "4bpw": (4.0, 6, (Mix(((1.0, 4),), 128), Mix(((0.25, 5), (0.75, 4)), 32), Mix(((0.1, 4), (0.9, 3)), 32),
+                      Mix(((0.1, 6), (0.9, 4)), 64)), Mix(((1.0, 6),), 128)),
+    "8bpw": (8.0, 8, (Mix(((1.0, 8),), 32), Mix(((1.0, 8),), 128), Mix(((0.1, 8), (0.9, 6)), 32)),
+             Mix(((1.0, 8),), 128)),
+}
+FORMS = ("4bpw", "8bpw", "fp16")  # a model name's suffix ("0.5b-fp16"); none: 4bpw
 
 
 def qwen2_config(shape: str, vocab: int = VOCAB, max_positions: int = 32768) -> dict:
@@ -51,15 +58,17 @@ def word_tokenizer(vocab: int) -> str:
 def random_exl2_model(out: str | Path, shape: str = "0.5b", device: str = "cpu", seed: int = 0,
                       vocab: int = VOCAB, layers: int | None = None, progress: bool = False) -> Path:
     """Write a random EXL2 model (about 4.0 bpw, 6-bit head) of the named shape to `out`."""
-    return _random_model(out, shape, device, seed, vocab, layers, progress, quantize=True)
+    return _random_model(out, shape, device, seed, vocab, layers, progress, form="4bpw")
 
 
 def _random_model(out, shape, device="cpu", seed=0, vocab=VOCAB, layers=None, progress=False,
-                  quantize: bool = True) -> Path:
-    """quantize False: dense fp16 weights, the head a tensor of its own."""
+                  form: str = "4bpw") -> Path:
+    """form: one of FORMS; fp16: dense weights, the head a tensor of its own."""
     from tqdm import tqdm
 
     out = Path(out)
+    quantize = form != "fp16"
+    bits, head_bits, layer_mixes, head_mix = EXL2_FORMS[form] if quantize else (None, None, (None,), None)
     cfg = qwen2_config(shape, vocab)
     if layers is not None:
         cfg["num_hidden_layers"] = layers
@@ -91,33 +100,35 @@ def _random_model(out, shape, device="cpu", seed=0, vocab=VOCAB, layers=None, pr
         for key, out_f, in_f in (("self_attn.q_proj", h, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h),
                                  ("self_attn.o_proj", h, h), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h),
                                  ("mlp.down_proj", h, inter)):
-            linear(f"{p}.{key}", out_f, in_f, LAYER_MIXES[i % len(LAYER_MIXES)], in_f ** -0.5)
+            linear(f"{p}.{key}", out_f, in_f, layer_mixes[i % len(layer_mixes)], in_f ** -0.5)
             i += 1
         for key, n in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             tensors[f"{p}.self_attn.{key}.bias"] = randn(n, scale=0.02).half().cpu()
         tensors[f"{p}.input_layernorm.weight"] = (1 + randn(h, scale=0.1)).half().cpu()
         tensors[f"{p}.post_attention_layernorm.weight"] = (1 + randn(h, scale=0.1)).half().cpu()
-    linear("lm_head", vocab, h, HEAD_MIX, h ** -0.5)
+    linear("lm_head", vocab, h, head_mix, h ** -0.5)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(word_tokenizer(vocab))
-    quant = {"quant_method": "exl2", "bits": 4.0, "head_bits": 6, "calibration": {"dataset": "(random weights)"}}
-    write_model_dir(out, out, cfg, tensors, quant if quantize else None)
+    quant = {"quant_method": "exl2", "bits": bits, "head_bits": head_bits,
+             "calibration": {"dataset": "(random weights)"}} if quantize else None
+    write_model_dir(out, out, cfg, tensors, quant)
     return out
 
 
-def parse_model_name(name: str) -> tuple[str, bool]:
-    """(shape, fp16) of a random model's name: a shape ("0.5b": EXL2 4.0 bpw) or a shape with
-    "-fp16" ("0.5b-fp16": dense fp16 weights)."""
-    shape, dash, fmt = name.partition("-")
-    if shape not in SHAPES or (dash and fmt != "fp16"):
-        raise ValueError(f"unknown model {name!r}: one of {', '.join(SHAPES)}, each optionally with -fp16")
-    return shape, fmt == "fp16"
+def parse_model_name(name: str) -> tuple[str, str]:
+    """(shape, form) of a random model's name: a shape ("0.5b": EXL2 about 4.0 bpw) or a shape
+    with a form of FORMS ("0.5b-8bpw": EXL2 8.0 bpw; "0.5b-fp16": dense fp16 weights)."""
+    shape, dash, form = name.partition("-")
+    if shape not in SHAPES or (dash and form not in FORMS):
+        raise ValueError(f"unknown model {name!r}: one of {', '.join(SHAPES)}, each optionally with "
+                         f"{' or '.join('-' + f for f in FORMS)}")
+    return shape, form or "4bpw"
 
 
 def random_model(out: str | Path, name: str, **kw) -> Path:
     """The random model `name` names (parse_model_name), written to `out`."""
-    shape, fp16 = parse_model_name(name)
-    return _random_model(out, shape, quantize=not fp16, **kw)
+    shape, form = parse_model_name(name)
+    return _random_model(out, shape, form=form, **kw)
 
 
 def step_bytes(path: str | Path) -> int:

@@ -84,8 +84,9 @@ def run_http(args) -> int:
 # ---------------------------------------------------------------- bench engine
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="0.5b,1.5b,7b",
-                   help="Qwen2.5-Coder shapes at 4.0 bpw EXL2, or with -fp16 for dense fp16 weights (what a GPU "
-                        "serves by default), e.g. 0.5b,0.5b-fp16 (default 0.5b,1.5b,7b)")
+                   help="Qwen2.5-Coder shapes at 4.0 bpw EXL2, with -8bpw at 8.0 bpw, or with -fp16 for dense "
+                        "fp16 weights (what a GPU serves by default), e.g. 0.5b,0.5b-8bpw,0.5b-fp16 "
+                        "(default 0.5b,1.5b,7b)")
     p.add_argument("--backends", default="cuda,torch", help="engine backends to compare (default cuda,torch)")
     p.add_argument("--max-len", type=int, default=4608, help="context (KV cache) length (default 4608)")
     p.add_argument("--work", help="folder for the random models (default: a temporary folder)")

@@ -15,12 +15,13 @@ def _linears(model):
     return [m for m in model.modules() if isinstance(m, (Linear, EXL2Linear))]
 
 
-@pytest.mark.parametrize("name, fp16", [("0.5b", False), ("0.5b-fp16", True)])
-def test_random_models_load_in_their_format_and_generate(tmp_path, name, fp16):
+@pytest.mark.parametrize("name, bits", [("0.5b", 4.0), ("0.5b-8bpw", 8.0), ("0.5b-fp16", None)])
+def test_random_models_load_in_their_format_and_generate(tmp_path, name, bits):
     path = random_model(tmp_path / name, name, vocab=512, layers=1)
     eng = load_model(path, device="cpu")
     kinds = {type(m) for m in _linears(eng.model)}
-    assert kinds == ({Linear} if fp16 else {EXL2Linear}), kinds
+    assert kinds == ({Linear} if bits is None else {EXL2Linear}), kinds
+    assert (eng.config.quantization or {}).get("bits") == bits
     weights = [m.weight for m in _linears(eng.model) if isinstance(m, Linear)]
     assert all(w.abs().max() > 0 for w in weights)  # never zeros
     events = list(eng.generate([5, 6, 7], GenerationParams(max_new_tokens=4, temperature=0.0)))
@@ -29,7 +30,7 @@ def test_random_models_load_in_their_format_and_generate(tmp_path, name, fp16):
 
 def test_step_bytes_count_every_weight_a_step_reads(tmp_path):
     """fp16: two bytes per parameter of every tensor but the embedding (the head has its own);
-    EXL2 4.0 bpw reads about a quarter of that."""
+    EXL2 4.0 bpw reads about a quarter of that, 8.0 bpw about half."""
     dense = random_model(tmp_path / "d", "0.5b-fp16", vocab=512, layers=1)
     h, inter = SHAPES["0.5b"]["hidden_size"], SHAPES["0.5b"]["intermediate_size"]
     kv = h // SHAPES["0.5b"]["num_attention_heads"] * SHAPES["0.5b"]["num_key_value_heads"]
@@ -37,12 +38,13 @@ def test_step_bytes_count_every_weight_a_step_reads(tmp_path):
     assert step_bytes(dense) == 2 * params
     quant = random_model(tmp_path / "q", "0.5b", vocab=512, layers=1)
     assert 0.2 < step_bytes(quant) / step_bytes(dense) < 0.4
+    eight = random_model(tmp_path / "e", "0.5b-8bpw", vocab=512, layers=1)
+    assert 0.45 < step_bytes(eight) / step_bytes(dense) < 0.6
 
 
-@pytest.mark.parametrize("name", ["0.5b", "1.5b-fp16", "7b"])
-def test_model_names_parse(name):
-    shape, fp16 = parse_model_name(name)
-    assert shape in SHAPES and fp16 == name.endswith("-fp16")
+@pytest.mark.parametrize("name, form", [("0.5b", "4bpw"), ("1.5b-fp16", "fp16"), ("7b-8bpw", "8bpw"), ("7b-4bpw", "4bpw")])
+def test_model_names_parse(name, form):
+    assert parse_model_name(name) == (name.partition("-")[0], form)
 
 
 @pytest.mark.parametrize("name", ["9b", "0.5b-int4", "", "0.5b-"])
