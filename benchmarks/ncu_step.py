@@ -10,10 +10,10 @@ import time
 import torch
 
 from engine import GenerationParams, load_model
-from engine.convert.synthetic import random_exl2_model
+from engine.convert.synthetic import random_model
 
 with tempfile.TemporaryDirectory() as tmp:
-    eng = load_model(random_exl2_model(f"{tmp}/m", "0.5b", device="cuda", layers=4), device="cuda",
+    eng = load_model(random_model(f"{tmp}/m", "0.5b", device="cuda", layers=4), device="cuda",
                      backend="cuda", progress=False)
     prompt = list(range(1, 1537))
     eng.sampler.start(GenerationParams(), prompt, 0)

@@ -29,7 +29,7 @@ def kernel_events(prof):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("shape", nargs="?", default="0.5b", help="0.5b, 1.5b or 7b (EXL2 4.0 bpw); with -fp16: dense fp16 weights")
+    ap.add_argument("shape", nargs="?", default="0.5b", help="a random model: 0.5b, 1.5b or 7b (EXL2 4.0 bpw), optionally with -8bpw or -fp16")
     ap.add_argument("--layers", type=int)
     ap.add_argument("--max-len", type=int, default=4608)
     ap.add_argument("--continued", type=int, default=240, help="tokens of the continued prompt (default 240)")

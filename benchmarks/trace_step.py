@@ -57,7 +57,7 @@ def analyse(names: list[str], stamps: torch.Tensor) -> list[dict]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("shape", nargs="?", default="0.5b", help="0.5b, 1.5b or 7b (EXL2 4.0 bpw); with -fp16: dense fp16 weights")
+    ap.add_argument("shape", nargs="?", default="0.5b", help="a random model: 0.5b, 1.5b or 7b (EXL2 4.0 bpw), optionally with -8bpw or -fp16")
     ap.add_argument("--context", type=int, default=1536)
     ap.add_argument("--replays", type=int, default=20)
     args = ap.parse_args()

@@ -1011,12 +1011,13 @@ void gemv(const GemvArgs& a, cudaStream_t stream) {
   // paths); KODKOD_GEMV_UNITS=g: every gate+up on the units kernel, split like long tiles (an
   // experiment knob: 1.5B's 280 gate+up tiles on 396 slots leave SMs with 2 and 3 blocks).
   const char* units_env = std::getenv("KODKOD_GEMV_UNITS");
-  const bool gated_units = units_env && units_env[0] == 'g' && a.out_mode == kOutGated;
+  const char units_mode = units_env ? units_env[0] : '1';
+  const bool gated_units = units_mode == 'g' && a.out_mode == kOutGated;
   const int slots = 3 * sm_count();
   static const bool long_dense = [] { const char* e = std::getenv("KODKOD_GEMV_LONG_DENSE"); return e && e[0] == '1'; }();
   const bool long_tiles = a.n_mats == 1 && a.out_mode != kOutGated && tiles_total <= slots && (a.mat[0].q_scale || long_dense) &&
                           (long long)a.mat[0].rows * (wide ? 128 : 32) * (a.mat[0].q_scale ? 4 : 2) >= 256 * 1024;
-  if (!(units_env && units_env[0] == '0') && (a.out_mode == kOutGated || a.n_mats == 1) &&
+  if (units_mode != '0' && (a.out_mode == kOutGated || a.n_mats == 1) &&
       ((plan.min_blocks == 3 && tiles_total > slots) || long_tiles || gated_units)) {
     const auto units_each = [&](int s) { return (long long)(tiles_total * s + slots - 1) / slots; };  // per block, at most
     int splits = 1;

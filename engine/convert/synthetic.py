@@ -55,12 +55,6 @@ def word_tokenizer(vocab: int) -> str:
     return tok.to_str()
 
 
-def random_exl2_model(out: str | Path, shape: str = "0.5b", device: str = "cpu", seed: int = 0,
-                      vocab: int = VOCAB, layers: int | None = None, progress: bool = False) -> Path:
-    """Write a random EXL2 model (about 4.0 bpw, 6-bit head) of the named shape to `out`."""
-    return _random_model(out, shape, device, seed, vocab, layers, progress, form="4bpw")
-
-
 def _random_model(out, shape, device="cpu", seed=0, vocab=VOCAB, layers=None, progress=False,
                   form: str = "4bpw") -> Path:
     """form: one of FORMS; fp16: dense weights, the head a tensor of its own."""

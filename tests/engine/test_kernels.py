@@ -511,9 +511,9 @@ def check_greedy_agreement(fast, slow, ids, n):
 
 
 def test_random_qwen_shape_model_fast_matches_torch(ext, tmp_path):
-    from engine.convert.synthetic import random_exl2_model
+    from engine.convert.synthetic import random_model
 
-    path = random_exl2_model(tmp_path / "m", "0.5b", device="cuda", layers=4)
+    path = random_model(tmp_path / "m", "0.5b", device="cuda", layers=4)
     fast = load_model(path, device="cuda", backend="cuda")
     slow = load_model(path, device="cuda", backend="torch")
     ids = list(range(100, 400))
